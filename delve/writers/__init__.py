@@ -1,0 +1,78 @@
+"""Writers: where delve's statistics go (CSV, plots, npy, TensorBoard, console).
+
+``save_to`` of :class:`~delve.SaturationTracker` takes a key of :data:`WRITERS`,
+an :class:`AbstractWriter` instance, or a list of either. Each backend lives in
+its own module and is imported only when used, so ``import delve`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from delve.writers.base import STATMAP, AbstractWriter, CompositWriter
+
+#: Writer keys accepted by ``save_to`` and the class each builds ("module:Class").
+WRITERS: Dict[str, str] = {
+    "csv": "delve.writers.csv:CSVWriter",
+    "print": "delve.writers.print:PrintWriter",
+}
+
+_LAZY_NAMES: Dict[str, str] = {
+    "CSVWriter": "delve.writers.csv",
+    "PrintWriter": "delve.writers.print",
+}
+
+SaveTo = Union[str, AbstractWriter, Sequence[Union[str, AbstractWriter]]]
+
+
+def _load(target: str) -> type:
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_save_to(save_to: Any) -> None:
+    """Raise a ValueError naming the valid keys if ``save_to`` names an unknown writer."""
+    entries = save_to if isinstance(save_to, (list, tuple)) else [save_to]
+    if not entries:
+        raise ValueError("save_to must name at least one writer")
+    for entry in entries:
+        if isinstance(entry, AbstractWriter):
+            continue
+        if not isinstance(entry, str) or entry not in WRITERS:
+            raise ValueError(
+                f"save_to={entry!r} is not a writer; use an AbstractWriter instance or one of "
+                f"{', '.join(map(repr, WRITERS))}"
+            )
+
+
+def build_writer(save_to: SaveTo, writer_args: Optional[Mapping[str, Any]] = None) -> AbstractWriter:
+    """Build the writer described by ``save_to``.
+
+    Parameters
+    ----------
+    save_to : str, AbstractWriter or list of them
+        A key of :data:`WRITERS`, a writer instance, or a list of either (which
+        gives a :class:`CompositWriter`).
+    writer_args : dict, optional
+        Keyword arguments for the writers built from keys (``savepath`` among them).
+
+    Returns
+    -------
+    AbstractWriter
+    """
+    check_save_to(save_to)
+    args = dict(writer_args or {})
+    if isinstance(save_to, (list, tuple)):
+        return CompositWriter([build_writer(entry, args) for entry in save_to])
+    if isinstance(save_to, AbstractWriter):
+        return save_to
+    return _load(WRITERS[save_to])(**args)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module 'delve.writers' has no attribute {name!r}")
+
+
+__all__ = ["STATMAP", "WRITERS", "AbstractWriter", "CompositWriter", "build_writer", "check_save_to", *_LAZY_NAMES]

@@ -1,0 +1,37 @@
+"""Crash-safe file primitives shared by the writers."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk,
+    and the temporary file is renamed over ``path`` (an atomic ``os.replace``).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+def append_bytes(path: str, data: bytes) -> None:
+    """Append ``data`` to ``path`` in one ``write`` call, so a killed process never leaves half of it."""
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(handle, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+    finally:
+        os.close(handle)

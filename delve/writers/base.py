@@ -1,0 +1,124 @@
+"""The writer interface every output format implements, and the writer that fans out to several.
+
+A writer receives plain values (Python numbers, numpy arrays) under names such as
+``train-saturation_features-0``. The tracker calls :meth:`AbstractWriter.add_scalars`
+once per :meth:`~delve.SaturationTracker.add_saturations` with ``global_step`` set
+to the epoch, then :meth:`AbstractWriter.save`. Every ``save()`` closes one epoch;
+user scalars added with ``add_scalar`` belong to the epoch being filled.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Iterable, List, Mapping
+
+STATMAP: Dict[str, str] = {
+    "idim": "intrinsic-dimensionality",
+    "lsat": "saturation",
+    "cov": "covariance-matrix",
+    "det": "covariance-determinant",
+    "trc": "covariance-trace",
+    "dtrc": "diagonal-trace",
+    "embed": "embedded-sample",
+}
+"""Statistic keys and the names they carry in every output."""
+
+
+class AbstractWriter(ABC):
+    """Base class of all writers; subclass it to send delve's statistics anywhere.
+
+    A subclass implements :meth:`add_scalar`, :meth:`add_scalars`, :meth:`save`,
+    :meth:`close` and :meth:`resume_from_saved_state`. Writers are context
+    managers: leaving the ``with`` block closes them.
+
+    Examples
+    --------
+    >>> class ListWriter(AbstractWriter):
+    ...     def __init__(self, **kwargs):
+    ...         self.rows, self.current = [], {}
+    ...     def resume_from_saved_state(self, initial_epoch):
+    ...         pass
+    ...     def add_scalar(self, name, value, **kwargs):
+    ...         self.current[name] = value
+    ...     def add_scalars(self, prefix, value_dict, **kwargs):
+    ...         for name, value in value_dict.items():
+    ...             self.add_scalar(prefix + name, value)
+    ...     def save(self):
+    ...         self.rows.append(self.current)
+    ...         self.current = {}
+    ...     def close(self):
+    ...         pass
+    >>> writer = ListWriter()
+    >>> writer.add_scalar("loss", 0.5); writer.save(); writer.rows
+    [{'loss': 0.5}]
+    """
+
+    def _check_savestate_ok(self, savepath: str) -> bool:
+        """Whether the saved state at ``savepath`` exists; warns when it does not."""
+        if not os.path.exists(savepath):
+            warnings.warn(
+                f"{savepath} does not exist, {type(self).__name__} cannot resume from it and starts afresh",
+                stacklevel=2,
+            )
+            return False
+        return True
+
+    @abstractmethod
+    def resume_from_saved_state(self, initial_epoch: int) -> None:
+        """Continue an earlier run: keep what was written before ``initial_epoch``, number on from it."""
+
+    @abstractmethod
+    def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Record one value under ``name`` for the current epoch."""
+
+    @abstractmethod
+    def add_scalars(self, prefix: str, value_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        """Record several values; their names are ``prefix + name``."""
+
+    @abstractmethod
+    def save(self) -> None:
+        """Persist the current epoch and start the next one."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and handles; calling it twice is harmless."""
+
+    def __enter__(self) -> "AbstractWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class CompositWriter(AbstractWriter):
+    """Send everything to several writers, in order.
+
+    Parameters
+    ----------
+    writers : list of AbstractWriter
+        The writers to call.
+    """
+
+    def __init__(self, writers: Iterable[AbstractWriter]) -> None:
+        self.writers: List[AbstractWriter] = list(writers)
+
+    def resume_from_saved_state(self, initial_epoch: int) -> None:
+        for writer in self.writers:
+            writer.resume_from_saved_state(initial_epoch)
+
+    def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+        for writer in self.writers:
+            writer.add_scalar(name, value, **kwargs)
+
+    def add_scalars(self, prefix: str, value_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        for writer in self.writers:
+            writer.add_scalars(prefix, value_dict, **kwargs)
+
+    def save(self) -> None:
+        for writer in self.writers:
+            writer.save()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
