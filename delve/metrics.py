@@ -24,9 +24,10 @@ import torch
 
 MatrixLike = Union[torch.Tensor, np.ndarray]
 
-#: Relative slack when comparing a cumulative share with the threshold, so that
-#: round-off in the eigen-solver never flips diag(.5, .4, .1) at .9 from 2 to 3.
-_SHARE_TOLERANCE = 1e-10
+#: A cumulative share within this distance below the threshold counts as reaching
+#: it: about the resolution of float32 activations, so that round-off never flips
+#: diag(.5, .4, .1) at .9 from 2 to 3, nor makes noise directions count at 1.0.
+SHARE_TOLERANCE = 1e-6
 
 
 def _as_float64(cov: MatrixLike) -> torch.Tensor:
@@ -86,7 +87,7 @@ def intrinsic_dimensionality_from_eigenvalues(eigvals: torch.Tensor, thresh: flo
     if total <= 0.0:
         return 0
     shares = torch.cumsum(values, 0) / total
-    reached = shares >= thresh * (1.0 - _SHARE_TOLERANCE)
+    reached = shares >= thresh - SHARE_TOLERANCE
     return int(torch.nonzero(reached)[0, 0]) + 1
 
 

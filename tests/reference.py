@@ -18,8 +18,11 @@ def population_cov(samples: np.ndarray) -> np.ndarray:
 def idim(cov: np.ndarray, thresh: float) -> int:
     """Smallest k whose k largest eigenvalues explain ``thresh`` of the variance (numpy)."""
     values = np.sort(np.clip(np.linalg.eigvalsh(cov), 0, None))[::-1]
+    if values.sum() == 0:
+        return 0  # k = 0 directions explain all of a zero variance
     shares = np.cumsum(values) / values.sum()
-    return int(np.argmax(shares >= thresh - 1e-12)) + 1
+    # shares within 1e-6 of the threshold reach it: the resolution of float32 activations
+    return int(np.argmax(shares >= thresh - 1e-6)) + 1
 
 
 class Capture:
