@@ -1,0 +1,706 @@
+"""Keras 3 callbacks: layer saturation of Keras models, computed by delve.
+
+Three callbacks, all computing saturation with :mod:`delve.covariance` and
+:mod:`delve.metrics` exactly as :class:`~delve.SaturationTracker` does for
+PyTorch models (Dense outputs: every position of the leading axes is a sample;
+convolutions: ``channelwise`` by default, every spatial position a sample of
+the channels):
+
+* :class:`SaturationLogger` prints ``dense  : %0.83 | dense_1  : %0.79 |``
+  every ``print_freq`` epochs, from a fixed ``input_data`` run through the model.
+* :class:`SaturationTrackerCallback` runs a full :class:`~delve.SaturationTracker`
+  over the training (and validation) batches themselves and writes through any
+  delve writer, with the CSV columns of the PyTorch side
+  (``train-saturation_<layer>``, ``eval-saturation_<layer>``).
+* :class:`CustomTensorBoard` is that tracker callback writing TensorBoard
+  scalars every ``user_defined_freq`` epochs, with the epoch as step.
+
+Backends
+--------
+:class:`SaturationLogger` works on every Keras 3 backend (torch, jax,
+tensorflow, numpy): it builds a feature-extraction model and feeds the numpy
+outputs to delve. :class:`SaturationTrackerCallback` and
+:class:`CustomTensorBoard` need ``KERAS_BACKEND=torch``: there Keras layers are
+:class:`torch.nn.Module` instances, so delve's forward hooks see every batch.
+
+Keras picks its backend when it is first imported. When this module is
+imported before Keras, with ``KERAS_BACKEND`` unset and TensorFlow not
+installed (so Keras' default backend could not load), it sets
+``KERAS_BACKEND=torch``; otherwise the user's choice stands.
+
+Layers tracked: ``Dense`` and the convolutions (``Conv1D/2D/3D``, their
+``Transpose`` forms, ``SeparableConv1D/2D``, ``DepthwiseConv1D/2D``), named as
+Keras names them; a layer of a nested model is named ``<model>-<layer>``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from delve import metrics
+from delve.adapters import AdapterOptions, conv_samples, linear_samples, register_adapter
+from delve.covariance import TorchCovarianceMatrix
+from delve.tracker import SaturationTracker
+from delve.writers import SaveTo, check_save_to
+from delve.writers.print import PrintWriter
+
+
+def _configured_backend() -> Optional[str]:
+    """The backend named in ``keras.json`` (where Keras looks for it), or ``None``."""
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(folder), "keras.json")) as handle:
+            return json.load(handle).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _default_to_torch_backend() -> None:
+    """Choose the torch backend when Keras would otherwise try to load a missing TensorFlow."""
+    if "keras" in sys.modules or "KERAS_BACKEND" in os.environ:
+        return
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    if _configured_backend() in (None, "tensorflow"):
+        os.environ["KERAS_BACKEND"] = "torch"
+
+
+_default_to_torch_backend()
+
+try:
+    import keras
+except ImportError as error:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "delve.kerascallback needs Keras 3: pip install 'delve[keras]' and set KERAS_BACKEND=torch"
+    ) from error
+
+_DENSE_TYPES = (keras.layers.Dense,)
+_CONV_TYPES = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+    )
+    if hasattr(keras.layers, name)
+)
+
+
+def _check_positive_int(parameter: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{parameter} must be an int >= 1, got {value!r}")
+
+
+def _check_threshold(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"sat_threshold must be a number in (0, 1], got {value!r}")
+
+
+def is_torch_backend() -> bool:
+    """Whether Keras runs on the torch backend, where its layers are ``torch.nn.Module``s."""
+    return keras.backend.backend() == "torch"
+
+
+def _require_torch_backend(what: str) -> None:
+    if not is_torch_backend():
+        raise RuntimeError(
+            f"{what} needs the torch backend of Keras (set KERAS_BACKEND=torch before importing keras); "
+            f"Keras runs on {keras.backend.backend()!r}. SaturationLogger works on every backend."
+        )
+
+
+def keras_layers(model: "keras.Model", include_conv: bool = True, nested: bool = True) -> "OrderedDict[str, Any]":
+    """The Dense and convolution layers of a Keras model, under the names delve gives them.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A Sequential, functional or subclassed model.
+    include_conv : bool
+        ``False`` leaves the convolutions out.
+    nested : bool
+        Also look inside nested models; their layers are named ``<model>-<layer>``.
+
+    Returns
+    -------
+    OrderedDict
+        Layer name to layer, in the order of ``model.layers``; a layer reached
+        twice (shared) is listed once.
+
+    Examples
+    --------
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+    ...                           keras.layers.ReLU(), keras.layers.Dense(2, name="out")])
+    >>> list(keras_layers(model))
+    ['hidden', 'out']
+    """
+    types = _DENSE_TYPES + (_CONV_TYPES if include_conv else ())
+    found: "OrderedDict[str, Any]" = OrderedDict()
+    seen: set = set()
+
+    def walk(container: Any, prefix: str) -> None:
+        for layer in getattr(container, "layers", []):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            name = layer.name if not prefix else f"{prefix}-{layer.name}"
+            if isinstance(layer, types):
+                found[name] = layer
+            elif nested and isinstance(layer, keras.Model):
+                walk(layer, name)
+
+    walk(model, "")
+    return found
+
+
+def keras_samples(layer: Any, output: torch.Tensor, options: AdapterOptions) -> torch.Tensor:
+    """Turn a Keras Dense or convolution output into samples, as delve does for torch layers.
+
+    Parameters
+    ----------
+    layer : keras.layers.Layer
+        The Dense or convolution layer that produced ``output``.
+    output : torch.Tensor
+        Its output, in Keras' layout (``channels_last`` unless the layer's
+        ``data_format`` says otherwise).
+    options : delve.adapters.AdapterOptions
+        ``conv_method`` and the interpolation settings.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, d)`` samples, or ``(b, d, l)`` blocks for a channels-first
+        channelwise convolution (see :meth:`delve.TorchCovarianceMatrix.update`).
+
+    Examples
+    --------
+    >>> conv = keras.layers.Conv2D(4, 3)
+    >>> keras_samples(conv, torch.zeros(2, 6, 6, 4), AdapterOptions()).shape
+    torch.Size([72, 4])
+    """
+    if not isinstance(layer, _CONV_TYPES):
+        return linear_samples(layer, output, options)
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return conv_samples(layer, output, options)
+    if options.conv_method == "channelwise" and options.interpolation_strategy is None:
+        return output.reshape(-1, output.shape[-1])
+    return conv_samples(layer, output.movedim(-1, 1), options)
+
+
+def _register_torch_adapters() -> None:
+    """Let the tracker's hooks handle Keras layers, which are torch modules on the torch backend."""
+    for layer_type in _DENSE_TYPES + _CONV_TYPES:
+        if issubclass(layer_type, nn.Module):
+            register_adapter(layer_type, keras_samples)
+
+
+_register_torch_adapters()
+
+
+def _chunks(data: Any, batch_size: int) -> List[Any]:
+    """Split an array (or a list/dict of arrays with the same first axis) into batches."""
+    leaves = keras.tree.flatten(data)
+    if not leaves:
+        raise ValueError("input_data holds no array")
+    total = int(leaves[0].shape[0])
+    return [
+        keras.tree.map_structure(lambda array, start=start: array[start : start + batch_size], data)
+        for start in range(0, total, batch_size)
+    ]
+
+
+def _as_torch(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    return torch.from_numpy(np.asarray(keras.ops.convert_to_numpy(value)))
+
+
+def _symbolic_inputs(model: "keras.Model") -> Any:
+    """The model's symbolic inputs, in the structure its ``call`` expects."""
+    if isinstance(model, keras.Sequential):
+        inputs = model.inputs
+        return inputs[0] if len(inputs) == 1 else inputs
+    return model.input
+
+
+class _FixedInputSaturation:
+    """Saturation of chosen layers for a fixed input, through a feature-extraction model."""
+
+    def __init__(self, layers: Mapping[str, Any], options: AdapterOptions, threshold: float, batch_size: int) -> None:
+        self.layers = OrderedDict(layers)
+        self.options = options
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self._extractor: Optional[keras.Model] = None
+        self._source: Optional[keras.Model] = None
+
+    def _build(self, model: "keras.Model") -> "keras.Model":
+        if self._extractor is None or self._source is not model:
+            try:
+                inputs = _symbolic_inputs(model)
+                outputs = [layer.output for layer in self.layers.values()]
+            except (AttributeError, ValueError) as error:
+                raise ValueError(
+                    "SaturationLogger needs a built Sequential or functional model whose layers have "
+                    "symbolic outputs (give the model a keras.Input, or call it once first); for a "
+                    f"subclassed model use SaturationTrackerCallback on the torch backend ({error})"
+                ) from None
+            self._extractor = keras.Model(inputs, outputs)
+            self._source = model
+        return self._extractor
+
+    def __call__(self, model: "keras.Model", input_data: Any) -> "OrderedDict[str, float]":
+        extractor = self._build(model)
+        accumulators = {name: TorchCovarianceMatrix() for name in self.layers}
+        for chunk in _chunks(input_data, self.batch_size):
+            outputs = extractor.predict_on_batch(chunk)
+            if not isinstance(outputs, (list, tuple)):
+                outputs = [outputs]
+            for (name, layer), output in zip(self.layers.items(), outputs):
+                accumulators[name].update(keras_samples(layer, _as_torch(output), self.options))
+        return OrderedDict(
+            (name, metrics.compute_saturation(accumulators[name].compute(), self.threshold)) for name in self.layers
+        )
+
+
+def format_saturations(saturations: Mapping[str, float]) -> str:
+    """One line in the format of delve's Keras logger: ``name  : %0.83 | ...``.
+
+    Examples
+    --------
+    >>> format_saturations({"dense_1": 0.83, "dense_2": 0.7890})
+    'dense_1  : %0.83 | dense_2  : %0.79 |'
+    """
+    return " ".join(f"{name}  : %{value:.2f} |" for name, value in saturations.items())
+
+
+class SaturationLogger(keras.callbacks.Callback):
+    """Print the saturation of every Dense and convolution layer for a fixed input.
+
+    Every ``print_freq`` epochs (epochs ``0, print_freq, 2 * print_freq``...),
+    ``input_data`` is run through the model in inference mode, each layer's
+    outputs go into a :class:`~delve.TorchCovarianceMatrix` and the saturation
+    comes from :func:`delve.metrics.compute_saturation`, exactly as for PyTorch
+    layers. One line per epoch is printed: ``dense  : %0.83 | dense_1  : %0.79 |``.
+    Works on every Keras 3 backend, for Sequential and functional models (the
+    layers of the model itself, not of nested models).
+
+    Parameters
+    ----------
+    model : keras.Model
+        The model being trained.
+    input_data : array or list/dict of arrays
+        Data passed through the model (its first axis are the samples).
+    print_freq : int
+        Compute and print every ``print_freq`` epochs.
+    sat_threshold : float
+        Share of the variance the kept eigendirections explain, in (0, 1].
+    conv_method : str
+        How a convolution's output becomes samples, as in
+        :class:`~delve.SaturationTracker` (``channelwise`` by default).
+    include_conv : bool
+        ``False`` leaves the convolutions out.
+    batch_size : int
+        Rows of ``input_data`` run through the model at once.
+    verbose : bool
+        ``False`` keeps the values without printing them.
+
+    Attributes
+    ----------
+    saturations : dict
+        Layer name to saturation of the last computed epoch.
+    history : dict
+        Epoch to such a dict, for every computed epoch.
+
+    Examples
+    --------
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden")])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x = np.eye(4, dtype="float32")
+    >>> logger = SaturationLogger(model, input_data=x, print_freq=1)
+    >>> _ = model.fit(x, np.zeros((4, 3)), epochs=1, verbose=0, callbacks=[logger])  # doctest: +ELLIPSIS
+    hidden  : %... |
+    >>> sorted(logger.saturations)
+    ['hidden']
+    """
+
+    def __init__(
+        self,
+        model: "keras.Model",
+        input_data: Any,
+        print_freq: int = 1,
+        sat_threshold: float = 0.99,
+        conv_method: str = "channelwise",
+        include_conv: bool = True,
+        batch_size: int = 256,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        if input_data is None:
+            raise ValueError("input_data must be the data to pass through the model, got None")
+        _check_positive_int("print_freq", print_freq)
+        _check_positive_int("batch_size", batch_size)
+        _check_threshold(sat_threshold)
+        options = AdapterOptions(conv_method=conv_method)
+        layers = keras_layers(model, include_conv=include_conv, nested=False)
+        if not layers:
+            raise ValueError("model has no Dense or convolution layer to log (include_conv=False leaves out convs)")
+        self.set_model(model)
+        self.input_data = input_data
+        self.print_freq = print_freq
+        self.verbose = verbose
+        self.saturations: Dict[str, float] = {}
+        self.history: Dict[int, Dict[str, float]] = {}
+        self._compute = _FixedInputSaturation(layers, options, float(sat_threshold), batch_size)
+
+    @property
+    def layers(self) -> "OrderedDict[str, Any]":
+        """Layer name to Keras layer, for the layers logged."""
+        return self._compute.layers
+
+    def compute(self) -> Dict[str, float]:
+        """Saturation of every logged layer for ``input_data`` with the current weights."""
+        return dict(self._compute(self.model, self.input_data))
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Compute, keep and print the saturations every ``print_freq`` epochs."""
+        if epoch % self.print_freq:
+            return
+        self.saturations = self.compute()
+        self.history[epoch] = dict(self.saturations)
+        if self.verbose:
+            print(format_saturations(self.saturations))
+
+
+_RESERVED_TRACKER_ARGS = ("savefile", "save_to", "modules", "writer_args", "layer_filter")
+
+
+def _tracker_parameters() -> List[str]:
+    names = list(inspect.signature(SaturationTracker.__init__).parameters)[1:]
+    return [name for name in names if name not in _RESERVED_TRACKER_ARGS]
+
+
+def _validated_tracker_args(tracker_args: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check the SaturationTracker options now, so a typo fails before training starts."""
+    allowed = _tracker_parameters()
+    for key in tracker_args:
+        if key not in allowed:
+            raise ValueError(f"{key!r} is not an option of SaturationTracker; choose from {', '.join(allowed)}")
+    probe = SaturationTracker("", save_to=PrintWriter(), modules=nn.Linear(1, 1), **{**tracker_args, "nosave": True})
+    probe.close()
+    return dict(tracker_args)
+
+
+class SaturationTrackerCallback(keras.callbacks.Callback):
+    """Run delve's :class:`~delve.SaturationTracker` over the batches Keras trains on.
+
+    On the torch backend Keras layers are :class:`torch.nn.Module` instances, so
+    the tracker's forward hooks see the outputs of every training batch
+    (recorded as ``train``) and every validation batch (recorded as ``eval``).
+    At the end of each ``freq``-th epoch the statistics go to the writers, with
+    the names and CSV columns of the PyTorch side, so Keras and PyTorch runs can
+    be read and plotted together. Forward passes outside ``fit`` batches (a
+    :class:`SaturationLogger`, ``predict``) are not recorded. Needs
+    ``KERAS_BACKEND=torch`` and eager execution (``jit_compile=False``, the
+    torch backend's default).
+
+    Parameters
+    ----------
+    savefile : str
+        Path of the run, as for :class:`~delve.SaturationTracker` (the CSV is
+        ``savefile + '.csv'``).
+    save_to : str, AbstractWriter or list of them
+        Writer key(s) of :data:`delve.writers.WRITERS` or writer instances.
+    freq : int
+        Record and write every ``freq`` epochs (epochs ``0, freq, 2 * freq``...).
+    log_metrics : bool
+        Also write Keras' epoch logs (``loss``, ``val_loss``, metrics) in the same row.
+    writer_args : dict, optional
+        Keyword arguments for the writers built from keys.
+    **tracker_args
+        Other options of :class:`~delve.SaturationTracker` (``stats``,
+        ``conv_method``, ``sat_threshold``, ``max_samples``, ``include_conv``,
+        ``average_sat``, ``ignore_layer_names``...).
+
+    Attributes
+    ----------
+    tracker : SaturationTracker or None
+        The tracker while ``fit`` runs.
+    history : dict
+        Epoch to the statistics written for it.
+
+    Examples
+    --------
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden")])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> callback = SaturationTrackerCallback("runs/doc_keras", save_to="csv", nosave=True)
+    >>> _ = model.fit(np.eye(4), np.zeros((4, 3)), epochs=1, verbose=0, callbacks=[callback])
+    >>> sorted(callback.history[0])
+    ['loss', 'train-saturation_hidden']
+    """
+
+    def __init__(
+        self,
+        savefile: str,
+        save_to: SaveTo = "csv",
+        freq: int = 1,
+        log_metrics: bool = True,
+        writer_args: Optional[Dict[str, Any]] = None,
+        **tracker_args: Any,
+    ) -> None:
+        super().__init__()
+        _require_torch_backend(type(self).__name__)
+        check_save_to(save_to)
+        _check_positive_int("freq", freq)
+        self.savefile = savefile
+        self.save_to = save_to
+        self.freq = freq
+        self.log_metrics = log_metrics
+        self.writer_args = dict(writer_args or {})
+        self.tracker_args = _validated_tracker_args(tracker_args)
+        self.tracker: Optional[SaturationTracker] = None
+        self.history: Dict[int, Dict[str, Any]] = {}
+        self._epochs_written = 0
+        self._logging_epoch = False
+        self._training_flags: Dict[str, bool] = {}
+
+    # ------------------------------------------------------------ lifecycle
+    def _build_tracker(self) -> SaturationTracker:
+        layers = keras_layers(self.model, include_conv=self.tracker_args.get("include_conv", True))
+        if not layers:
+            raise ValueError("the model has no Dense or convolution layer for delve to track")
+        container = nn.Module()
+        for name, layer in layers.items():
+            # Keras names may contain dots or shadow Module attributes, which add_module rejects.
+            container._modules[name] = layer
+        self._training_flags = {name: layer.training for name, layer in layers.items()}
+        args = dict(self.tracker_args)
+        args.setdefault("initial_epoch", self._epochs_written)
+        tracker = SaturationTracker(
+            self.savefile, save_to=self.save_to, modules=container, writer_args=self.writer_args, **args
+        )
+        tracker.stop()
+        return tracker
+
+    def _set_training(self, training: bool) -> None:
+        for layer in self.tracker.layers.values():
+            layer.training = training
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Attach the tracker's hooks to the model's Dense and convolution layers."""
+        _require_torch_backend(type(self).__name__)
+        if self.tracker is None:
+            self.tracker = self._build_tracker()
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Decide whether this epoch is recorded."""
+        self._logging_epoch = self.tracker is not None and epoch % self.freq == 0
+        if self.tracker is not None:
+            self._set_training(True)
+
+    def on_train_batch_begin(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Record this batch's forward pass (in a recorded epoch)."""
+        if self._logging_epoch:
+            self.tracker.resume()
+
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Stop recording until the next batch."""
+        if self.tracker is not None:
+            self.tracker.stop()
+
+    def on_test_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Validation batches are recorded as ``eval``."""
+        if self.tracker is not None:
+            self._set_training(False)
+
+    def on_test_batch_begin(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Record this validation batch (in a recorded epoch)."""
+        if self._logging_epoch:
+            self.tracker.resume()
+
+    def on_test_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Stop recording until the next batch."""
+        if self.tracker is not None:
+            self.tracker.stop()
+
+    def on_test_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Back to ``train`` for the next epoch's batches."""
+        if self.tracker is not None:
+            self._set_training(True)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Write this epoch's statistics (and Keras' logs) with the epoch as step."""
+        if not self._logging_epoch:
+            return
+        self._logging_epoch = False
+        tracker = self.tracker
+        tracker.epoch = epoch
+        written: Dict[str, Any] = {}
+        if self.log_metrics and logs:
+            scalars = {name: float(value) for name, value in logs.items() if np.ndim(value) == 0}
+            tracker.add_scalars("", scalars)
+            written.update(scalars)
+        written.update(tracker.add_saturations())
+        self._epochs_written += 1
+        self.history[epoch] = written
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        """Remove the hooks and close the writers; a later ``fit`` continues the same files."""
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks, restore the layers' training flags and close the writers."""
+        if self.tracker is None:
+            return
+        for name, layer in self.tracker.layers.items():
+            layer.training = self._training_flags.get(name, True)
+        self.tracker.close()
+        self.tracker = None
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+_KERAS_TENSORBOARD_HOOKS = (
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+)
+
+
+class CustomTensorBoard(SaturationTrackerCallback):
+    """Write the saturation of every Dense and convolution layer as TensorBoard scalars.
+
+    Every ``user_defined_freq`` epochs the layers' saturation over that epoch's
+    training batches (``train-saturation_<layer>``) and validation batches
+    (``eval-saturation_<layer>``) is written through delve's ``tensorboard``
+    writer into ``log_dir``, with the epoch as step; Keras' epoch logs
+    (``loss``, ``val_loss``, metrics) are written beside them. It is a
+    :class:`SaturationTrackerCallback` with ``save_to='tensorboard'``, so it
+    needs ``KERAS_BACKEND=torch``.
+
+    Parameters
+    ----------
+    log_dir : str
+        Folder of the TensorBoard event files.
+    user_defined_freq : int
+        Write every ``user_defined_freq`` epochs.
+    sat_threshold : float
+        Share of the variance the kept eigendirections explain, in (0, 1].
+    conv_method : str
+        How a convolution's output becomes samples (``channelwise`` by default).
+    include_conv : bool
+        ``False`` leaves the convolutions out.
+    log_metrics : bool
+        Also write Keras' epoch logs.
+    **kwargs
+        As in delve 0.1.50, passed to :class:`keras.callbacks.TensorBoard`
+        (``histogram_freq``, ``write_graph``, ``update_freq``...), which then
+        runs beside this callback on the same ``log_dir``. Keras' TensorBoard
+        callback writes through TensorFlow, so kwargs need ``tensorflow``
+        installed; without kwargs no TensorFlow is needed.
+
+    Examples
+    --------
+    ``model.fit(x, y, epochs=10, callbacks=[CustomTensorBoard("runs/keras", user_defined_freq=1)])``
+    then ``tensorboard --logdir runs/keras``.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        user_defined_freq: int = 1,
+        sat_threshold: float = 0.99,
+        conv_method: str = "channelwise",
+        include_conv: bool = True,
+        log_metrics: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _check_positive_int("user_defined_freq", user_defined_freq)
+        self.keras_tensorboard: Optional[keras.callbacks.Callback] = None
+        if kwargs:
+            if not _tensorflow_available():
+                raise ImportError(
+                    f"CustomTensorBoard passes {', '.join(sorted(kwargs))} to keras.callbacks.TensorBoard, which "
+                    "writes through TensorFlow: pip install tensorflow, or leave these arguments out"
+                )
+            self.keras_tensorboard = keras.callbacks.TensorBoard(log_dir=log_dir, **kwargs)
+        super().__init__(
+            log_dir,
+            save_to="tensorboard",
+            freq=user_defined_freq,
+            log_metrics=log_metrics,
+            sat_threshold=sat_threshold,
+            conv_method=conv_method,
+            include_conv=include_conv,
+        )
+        self.log_dir = log_dir
+        self.user_defined_freq = user_defined_freq
+
+    def set_model(self, model: "keras.Model") -> None:
+        super().set_model(model)
+        if self.keras_tensorboard is not None:
+            self.keras_tensorboard.set_model(model)
+
+    def set_params(self, params: Dict[str, Any]) -> None:
+        super().set_params(params)
+        if self.keras_tensorboard is not None:
+            self.keras_tensorboard.set_params(params)
+
+
+def _forwarding(hook: str) -> Any:
+    delve_hook = getattr(SaturationTrackerCallback, hook)
+
+    def forward(self: CustomTensorBoard, *args: Any, **kwargs: Any) -> None:
+        delve_hook(self, *args, **kwargs)
+        if self.keras_tensorboard is not None:
+            getattr(self.keras_tensorboard, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    forward.__doc__ = f"{delve_hook.__doc__} Then Keras' TensorBoard callback's ``{hook}``, if kwargs were given."
+    return forward
+
+
+for _hook in _KERAS_TENSORBOARD_HOOKS:
+    setattr(CustomTensorBoard, _hook, _forwarding(_hook))
+del _hook
+
+__all__ = [
+    "CustomTensorBoard",
+    "SaturationLogger",
+    "SaturationTrackerCallback",
+    "format_saturations",
+    "is_torch_backend",
+    "keras_layers",
+    "keras_samples",
+]
