@@ -2,17 +2,20 @@
 
 A two-layer network regresses random targets from random inputs, once with a
 hidden layer of 3 units and once with 32. delve records the saturation of both
-Linear layers on the training batch (train mode) and on a held-out batch (eval
-mode). The 10 outputs of ``linear2`` are an affine function of the hidden
-units, so with 3 hidden units they span at most 3 directions: a saturation of
-at most 3/10. The wide network can (and does) use all 10 output directions, and
-only it fits the random targets.
+Linear layers on the training batch (train mode) and, after each epoch, on a
+held-out batch (eval mode). The 10 outputs of ``linear2`` are an affine
+function of the hidden units, so with 3 hidden units one forward pass spans at
+most 3 directions: the eval saturation of ``linear2`` is at most 3/10. The train
+statistics pool the outputs of every step of the epoch, taken with weights that
+change from step to step, so they may exceed that bound a little. Only the wide
+network fits the random targets.
 
 As in delve 0.1.50's gallery example the layers are handed over as a list and
 ``stats=["lsat", "lsat_eval"]`` is accepted (``lsat`` already covers train and
-eval). Unlike 0.1.50, the covariance now accumulates every batch between two
-calls of ``add_saturations()``, so this script calls it once per "epoch" of
-``--steps-per-epoch`` optimisation steps instead of after every step.
+eval). Unlike 0.1.50, the covariance accumulates every batch between two calls
+of ``add_saturations()``, so this script calls it once per "epoch" of
+``--steps-per-epoch`` optimisation steps instead of after every step, and
+evaluates once per epoch.
 
 Run ``python examples/regression.py`` (``--quick`` for a run of a few seconds).
 It writes ``runs/regression/h3.csv`` and ``runs/regression/h32.csv`` (one row
@@ -56,15 +59,15 @@ def train(hidden: int, epochs: int, steps_per_epoch: int, save_to: str) -> dict:
     with SaturationTracker(f"runs/regression/h{hidden}", save_to=save_to, modules=layers,
                            stats=["lsat", "lsat_eval"]) as tracker:
         for epoch in range(epochs):
+            model.train()
             for _ in range(steps_per_epoch):
-                model.train()
                 loss = loss_fn(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                model.eval()
-                with torch.no_grad():
-                    loss_test = loss_fn(model(x_test), y_test)
+            model.eval()
+            with torch.no_grad():
+                loss_test = loss_fn(model(x_test), y_test)
             tracker.add_scalar("train-loss", loss.item())
             tracker.add_scalar("test-loss", loss_test.item())
             results = tracker.add_saturations()
