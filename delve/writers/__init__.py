@@ -9,17 +9,33 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
-from delve.writers.base import STATMAP, AbstractWriter, CompositWriter
+from delve.writers.base import STATMAP, AbstractWriter, CompositWriter, parse_stat_name
 
 #: Writer keys accepted by ``save_to`` and the class each builds ("module:Class").
 WRITERS: Dict[str, str] = {
     "csv": "delve.writers.csv:CSVWriter",
+    "npy": "delve.writers.npy:NPYWriter",
     "print": "delve.writers.print:PrintWriter",
+    "console": "delve.writers.console:ConsoleWriter",
+    "tb": "delve.writers.tensorboard:TensorBoardWriter",
+    "tensorboard": "delve.writers.tensorboard:TensorBoardWriter",
+    "csvplotting": "delve.writers.plot:CSVandPlottingWriter",
+    "csvplot": "delve.writers.plot:CSVandPlottingWriter",
+    "plot": "delve.writers.plot:CSVandPlottingWriter",
+    "plotcsv": "delve.writers.plot:CSVandPlottingWriter",
 }
 
 _LAZY_NAMES: Dict[str, str] = {
     "CSVWriter": "delve.writers.csv",
+    "NPYWriter": "delve.writers.npy",
     "PrintWriter": "delve.writers.print",
+    "ConsoleWriter": "delve.writers.console",
+    "TensorBoardWriter": "delve.writers.tensorboard",
+    "CSVandPlottingWriter": "delve.writers.plot",
+    "extract_layer_stat": "delve.writers.plotting",
+    "plot_stat": "delve.writers.plotting",
+    "plot_stat_level_from_results": "delve.writers.plotting",
+    "plot_scatter_from_results": "delve.writers.plotting",
 }
 
 SaveTo = Union[str, AbstractWriter, Sequence[Union[str, AbstractWriter]]]
@@ -75,4 +91,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'delve.writers' has no attribute {name!r}")
 
 
-__all__ = ["STATMAP", "WRITERS", "AbstractWriter", "CompositWriter", "build_writer", "check_save_to", *_LAZY_NAMES]
+__all__ = [
+    "STATMAP",
+    "WRITERS",
+    "AbstractWriter",
+    "CompositWriter",
+    "build_writer",
+    "check_save_to",
+    "parse_stat_name",
+    *_LAZY_NAMES,
+]

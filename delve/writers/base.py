@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 STATMAP: Dict[str, str] = {
     "idim": "intrinsic-dimensionality",
@@ -23,6 +23,47 @@ STATMAP: Dict[str, str] = {
     "embed": "embedded-sample",
 }
 """Statistic keys and the names they carry in every output."""
+
+MODES = ("train", "eval")
+"""The modes a statistic is recorded in, decided by the layer's ``training`` flag."""
+
+_KEY_OF_NAME = {name: key for key, name in STATMAP.items()}
+
+
+class StatName(NamedTuple):
+    """The parts of an output name ``'{mode}-{statistic}_{layer}'``."""
+
+    mode: str
+    stat: str
+    layer: str
+
+
+def parse_stat_name(name: str) -> Optional[StatName]:
+    """Split an output name of the tracker into mode, statistic key and layer.
+
+    Parameters
+    ----------
+    name : str
+        A logged name such as ``'train-saturation_features-0'``.
+
+    Returns
+    -------
+    StatName or None
+        ``(mode, stat, layer)`` with ``stat`` a key of :data:`STATMAP`, or
+        ``None`` for any other name (a user scalar, an average).
+
+    Examples
+    --------
+    >>> parse_stat_name("eval-intrinsic-dimensionality_classifier-1")
+    StatName(mode='eval', stat='idim', layer='classifier-1')
+    >>> parse_stat_name("test_accuracy") is None
+    True
+    """
+    head, sep, layer = name.partition("_")
+    mode, dash, stat_name = head.partition("-")
+    if not sep or not dash or not layer or mode not in MODES or stat_name not in _KEY_OF_NAME:
+        return None
+    return StatName(mode, _KEY_OF_NAME[stat_name], layer)
 
 
 class AbstractWriter(ABC):
