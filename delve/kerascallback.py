@@ -17,11 +17,13 @@ the channels):
 
 Backends
 --------
-:class:`SaturationLogger` works on every Keras 3 backend (torch, jax,
-tensorflow, numpy): it builds a feature-extraction model and feeds the numpy
-outputs to delve. :class:`SaturationTrackerCallback` and
-:class:`CustomTensorBoard` need ``KERAS_BACKEND=torch``: there Keras layers are
-:class:`torch.nn.Module` instances, so delve's forward hooks see every batch.
+:class:`SaturationLogger` uses only backend-neutral Keras API (a
+feature-extraction model whose ``predict_on_batch`` returns numpy arrays, fed
+to delve's torch accumulator), so it also runs on the jax and tensorflow
+backends; delve's tests exercise it on torch. :class:`SaturationTrackerCallback`
+and :class:`CustomTensorBoard` need ``KERAS_BACKEND=torch``: there Keras layers
+are :class:`torch.nn.Module` instances, so delve's forward hooks see every
+batch; on another backend they raise a RuntimeError saying so.
 
 Keras picks its backend when it is first imported. When this module is
 imported before Keras, with ``KERAS_BACKEND`` unset and TensorFlow not
@@ -40,7 +42,7 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -80,12 +82,13 @@ def _default_to_torch_backend() -> None:
 
 _default_to_torch_backend()
 
-try:
-    import keras
-except ImportError as error:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "delve.kerascallback needs Keras 3: pip install 'delve[keras]' and set KERAS_BACKEND=torch"
-    ) from error
+if importlib.util.find_spec("keras") is None:
+    raise ImportError("delve.kerascallback needs Keras 3: pip install 'delve[keras]' (and set KERAS_BACKEND=torch)")
+
+import keras  # noqa: E402  (after the backend is chosen)
+
+if int(keras.__version__.split(".")[0]) < 3:
+    raise ImportError(f"delve.kerascallback needs Keras 3, found {keras.__version__}: pip install 'delve[keras]'")
 
 _DENSE_TYPES = (keras.layers.Dense,)
 _CONV_TYPES = tuple(
@@ -302,8 +305,8 @@ class SaturationLogger(keras.callbacks.Callback):
     outputs go into a :class:`~delve.TorchCovarianceMatrix` and the saturation
     comes from :func:`delve.metrics.compute_saturation`, exactly as for PyTorch
     layers. One line per epoch is printed: ``dense  : %0.83 | dense_1  : %0.79 |``.
-    Works on every Keras 3 backend, for Sequential and functional models (the
-    layers of the model itself, not of nested models).
+    Backend-neutral (see the module notes); works for Sequential and functional
+    models (the layers of the model itself, not those of nested models).
 
     Parameters
     ----------
@@ -394,18 +397,20 @@ class SaturationLogger(keras.callbacks.Callback):
             print(format_saturations(self.saturations))
 
 
-_RESERVED_TRACKER_ARGS = ("savefile", "save_to", "modules", "writer_args", "layer_filter")
-
-
-def _tracker_parameters() -> List[str]:
-    names = list(inspect.signature(SaturationTracker.__init__).parameters)[1:]
-    return [name for name in names if name not in _RESERVED_TRACKER_ARGS]
+#: SaturationTracker arguments the callback sets itself.
+_CHOSEN_BY_CALLBACK = ("savefile", "save_to", "modules", "writer_args", "layer_filter")
 
 
 def _validated_tracker_args(tracker_args: Mapping[str, Any]) -> Dict[str, Any]:
     """Check the SaturationTracker options now, so a typo fails before training starts."""
-    allowed = _tracker_parameters()
+    names = list(inspect.signature(SaturationTracker.__init__).parameters)[1:]
+    allowed = [name for name in names if name not in _CHOSEN_BY_CALLBACK]
     for key in tracker_args:
+        if key in _CHOSEN_BY_CALLBACK:
+            raise ValueError(
+                f"{key!r} is set by the callback, which tracks the model's Dense and convolution layers; "
+                "leave it out (ignore_layer_names and include_conv narrow the layers)"
+            )
         if key not in allowed:
             raise ValueError(f"{key!r} is not an option of SaturationTracker; choose from {', '.join(allowed)}")
     probe = SaturationTracker("", save_to=PrintWriter(), modules=nn.Linear(1, 1), **{**tracker_args, "nosave": True})
@@ -584,18 +589,18 @@ def _tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-_KERAS_TENSORBOARD_HOOKS = (
-    "on_train_begin",
-    "on_train_end",
-    "on_epoch_begin",
-    "on_epoch_end",
-    "on_train_batch_begin",
-    "on_train_batch_end",
-    "on_test_begin",
-    "on_test_end",
-    "on_test_batch_begin",
-    "on_test_batch_end",
-)
+def _forwarding(hook: str) -> Any:
+    """A CustomTensorBoard hook: delve's, then that of Keras' TensorBoard callback when kwargs made one."""
+    delve_hook = getattr(SaturationTrackerCallback, hook)
+
+    def forward(self: "CustomTensorBoard", *args: Any, **kwargs: Any) -> None:
+        delve_hook(self, *args, **kwargs)
+        if self.keras_tensorboard is not None:
+            getattr(self.keras_tensorboard, hook)(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = hook
+    forward.__doc__ = f"{delve_hook.__doc__} Then Keras' TensorBoard callback's ``{hook}``, if kwargs made one."
+    return forward
 
 
 class CustomTensorBoard(SaturationTrackerCallback):
@@ -668,32 +673,28 @@ class CustomTensorBoard(SaturationTrackerCallback):
         self.user_defined_freq = user_defined_freq
 
     def set_model(self, model: "keras.Model") -> None:
+        """Keras hands over the model; Keras' TensorBoard callback gets it too."""
         super().set_model(model)
         if self.keras_tensorboard is not None:
             self.keras_tensorboard.set_model(model)
 
     def set_params(self, params: Dict[str, Any]) -> None:
+        """Keras hands over the fit parameters; Keras' TensorBoard callback gets them too."""
         super().set_params(params)
         if self.keras_tensorboard is not None:
             self.keras_tensorboard.set_params(params)
 
+    on_train_begin = _forwarding("on_train_begin")
+    on_train_end = _forwarding("on_train_end")
+    on_epoch_begin = _forwarding("on_epoch_begin")
+    on_epoch_end = _forwarding("on_epoch_end")
+    on_train_batch_begin = _forwarding("on_train_batch_begin")
+    on_train_batch_end = _forwarding("on_train_batch_end")
+    on_test_begin = _forwarding("on_test_begin")
+    on_test_end = _forwarding("on_test_end")
+    on_test_batch_begin = _forwarding("on_test_batch_begin")
+    on_test_batch_end = _forwarding("on_test_batch_end")
 
-def _forwarding(hook: str) -> Any:
-    delve_hook = getattr(SaturationTrackerCallback, hook)
-
-    def forward(self: CustomTensorBoard, *args: Any, **kwargs: Any) -> None:
-        delve_hook(self, *args, **kwargs)
-        if self.keras_tensorboard is not None:
-            getattr(self.keras_tensorboard, hook)(*args, **kwargs)
-
-    forward.__name__ = hook
-    forward.__doc__ = f"{delve_hook.__doc__} Then Keras' TensorBoard callback's ``{hook}``, if kwargs were given."
-    return forward
-
-
-for _hook in _KERAS_TENSORBOARD_HOOKS:
-    setattr(CustomTensorBoard, _hook, _forwarding(_hook))
-del _hook
 
 __all__ = [
     "CustomTensorBoard",

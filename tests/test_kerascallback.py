@@ -374,7 +374,7 @@ def test_tracker_callback_rejects_bad_arguments() -> None:
         kc.SaturationTrackerCallback("run", save_to="excel")
     with pytest.raises(ValueError, match="'stat' is not an option of SaturationTracker.*stats"):
         kc.SaturationTrackerCallback("run", stat=["lsat"])
-    with pytest.raises(ValueError, match="modules"):
+    with pytest.raises(ValueError, match="'modules' is set by the callback"):
         kc.SaturationTrackerCallback("run", modules=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="sat_threshold"):
         kc.SaturationTrackerCallback("run", sat_threshold=0)
