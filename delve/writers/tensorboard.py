@@ -11,6 +11,7 @@ are left to the plot and npy writers.
 from __future__ import annotations
 
 import numbers
+import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -87,7 +88,14 @@ class TensorBoardWriter(AbstractWriter):
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self.savepath, purge_step=self._purge_step, flush_secs=self.flush_secs)
+            # A unique, time-ordered suffix: tensorboardX names files by the second and truncates an
+            # existing file, so a resume within the same second would erase the earlier run.
+            self._writer = SummaryWriter(
+                self.savepath,
+                purge_step=self._purge_step,
+                flush_secs=self.flush_secs,
+                filename_suffix=f".{time.time_ns()}",
+            )
         return self._writer
 
     def resume_from_saved_state(self, initial_epoch: int) -> None:
