@@ -45,10 +45,9 @@ def new_figure(width: float, height: float) -> Any:
 
 
 def save_figure(figure: Any, path: str) -> None:
-    """Write ``figure`` as a PNG to ``path`` atomically, then release its content."""
+    """Write ``figure`` as a PNG to ``path`` atomically (outside pyplot, the figure is freed with its last reference)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
-    figure.clear()
     atomic_write_bytes(path, buffer.getvalue())
 
 

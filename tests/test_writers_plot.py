@@ -1,0 +1,196 @@
+"""The CSV-and-plots writer and the 0.1.50 plotting helpers: files, drawn data, labels, no pyplot state."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from delve import SaturationTracker
+from test_writers_common import run_epochs, tiny_model
+
+matplotlib = pytest.importorskip("matplotlib", reason="the plot writer needs matplotlib")
+from matplotlib.image import imread  # noqa: E402
+
+from delve.writers import plotting  # noqa: E402
+
+LAYERS = ["0", "2", "4"]
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Record what every profile and heatmap showed, read from the axes before they are saved."""
+    records = {"profile": [], "evolution": []}
+    draw_profile, draw_evolution = plotting.draw_profile, plotting.draw_evolution
+
+    def profile(ax, labels, values, stat, title, **kwargs):
+        ax = draw_profile(ax, labels, values, stat, title, **kwargs)
+        records["profile"].append({
+            "stat": stat, "title": ax.get_title(), "ylim": ax.get_ylim(), "xlabel": ax.get_xlabel(),
+            "ylabel": ax.get_ylabel(), "ticks": [tick.get_text() for tick in ax.get_xticklabels()],
+            "y": np.asarray(ax.lines[0].get_ydata(), dtype=float),
+        })
+        return ax
+
+    def evolution(figure, layers, epochs, matrix, stat, title, fontsize=12):
+        ax = draw_evolution(figure, layers, epochs, matrix, stat, title, fontsize)
+        records["evolution"].append({
+            "stat": stat, "title": ax.get_title(), "layers": [t.get_text() for t in ax.get_yticklabels()],
+            "epochs": list(epochs), "data": np.ma.filled(ax.images[0].get_array().astype(float), np.nan),
+            "clim": ax.images[0].get_clim(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+        })
+        return ax
+
+    monkeypatch.setattr(plotting, "draw_profile", profile)
+    monkeypatch.setattr(plotting, "draw_evolution", evolution)
+    return records
+
+
+def test_plot_writer_files_and_what_they_show(tmp_path, drawn):
+    backend = matplotlib.get_backend()
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    model = tiny_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model,
+                                stats=["lsat", "idim", "embed"])
+    run_epochs(tracker, model, range(2), eval_epochs={1})
+    tracker.close()
+    assert matplotlib.get_backend() == backend
+    if not had_pyplot:
+        assert "matplotlib.pyplot" not in sys.modules
+
+    expected = {f"run_{stat}_train_epoch_{epoch}.png" for stat in ("lsat", "idim", "embed") for epoch in (0, 1)}
+    expected |= {f"run_{stat}_eval_epoch_1.png" for stat in ("lsat", "idim", "embed")}
+    expected |= {f"run_{stat}_{mode}_evolution.png" for stat in ("lsat", "idim") for mode in ("train", "eval")}
+    assert set(os.listdir(tmp_path / "run")) == expected
+    for name in expected:
+        image = imread(tmp_path / "run" / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01, name
+
+    table = pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0)
+    last = drawn["profile"][-4:]  # epoch 1: lsat/idim for train and eval
+    by_key = {(record["stat"], "eval" if "(eval)" in record["title"] else "train"): record for record in last}
+    for (stat, mode), record in by_key.items():
+        name = "saturation" if stat == "lsat" else "intrinsic-dimensionality"
+        np.testing.assert_allclose(record["y"], table.loc[1, [f"{mode}-{name}_{layer}" for layer in LAYERS]])
+        assert record["ticks"] == LAYERS
+        assert "epoch 1" in record["title"] and record["xlabel"] and record["ylabel"]
+        if stat == "lsat":
+            assert record["ylim"] == (0.0, 1.0)
+    evolution = [record for record in drawn["evolution"] if record["stat"] == "lsat"][-1]
+    assert "(eval)" in evolution["title"] and evolution["clim"] == (0.0, 1.0)
+    assert evolution["layers"] == LAYERS and evolution["epochs"] == [0, 1]
+    expected_data = table[[f"eval-saturation_{layer}" for layer in LAYERS]].to_numpy().T
+    np.testing.assert_allclose(evolution["data"], expected_data)  # NaN where eval did not run
+    assert evolution["xlabel"] == "epoch" and evolution["ylabel"]
+
+
+class _LongNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder_block_with_a_long_name = nn.ModuleDict({
+            "attention_projection": nn.Linear(4, 6), "feed_forward_output_layer": nn.Linear(6, 5)})
+
+    def forward(self, x):
+        block = self.encoder_block_with_a_long_name
+        return block["feed_forward_output_layer"](torch.relu(block["attention_projection"](x)))
+
+
+def test_long_layer_names_stay_whole_and_options_apply(tmp_path, drawn):
+    model = _LongNames()
+    seen = []
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="csvplot", modules=model,
+                                writer_args={"primary_metric": "accuracy",
+                                             "plot_manipulation_func": lambda ax: seen.append(ax) or ax})
+    model(torch.randn(50, 4))
+    tracker.add_scalar("accuracy", 0.75)
+    tracker.add_saturations()
+    tracker.close()
+    names = list(tracker.layers)
+    assert drawn["profile"][0]["ticks"] == names
+    assert max(map(len, names)) > 40
+    assert drawn["evolution"][0]["layers"] == names
+    assert len(seen) == 1 and seen[0].texts[0].get_text() == "accuracy: 0.75"
+
+
+def test_plot_writer_resume_continues_numbering_and_history(tmp_path, drawn):
+    model = tiny_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model)
+    run_epochs(tracker, model, range(3))
+    tracker.close()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, initial_epoch=2)
+    run_epochs(tracker, model, range(2, 3), seed=9)
+    tracker.close()
+    table = pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0)
+    assert list(table.index) == [0, 1, 2]
+    assert sorted(name for name in os.listdir(tmp_path / "run") if "epoch" in name) == [
+        f"run_lsat_train_epoch_{epoch}.png" for epoch in range(3)]
+    evolution = drawn["evolution"][-1]
+    assert evolution["epochs"] == [0, 1, 2]
+    np.testing.assert_allclose(evolution["data"], table[[f"train-saturation_{l}" for l in LAYERS]].to_numpy().T)
+
+
+# ------------------------------------------------------------- 0.1.50 helpers
+@pytest.fixture
+def csv_run(tmp_path):
+    model = tiny_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="csv", modules=model, stats=["lsat", "idim"])
+    run_epochs(tracker, model, range(2), eval_epochs={0})
+    tracker.close()
+    return tmp_path / "run.csv"
+
+
+def test_extract_layer_stat(csv_run):
+    from delve.writers import extract_layer_stat
+
+    table = pd.read_csv(csv_run, sep=";", index_col=0)
+    row, metric = extract_layer_stat(table, epoch=1, primary_metric="accuracy", stat="saturation")
+    assert list(row.columns) == [f"train-saturation_{layer}" for layer in LAYERS]
+    assert list(row.index) == [1] and metric == pytest.approx(0.51)
+    eval_row, none = extract_layer_stat(table, epoch=0, stat="intrinsic-dimensionality", state_mode="eval")
+    assert list(eval_row.columns) == [f"eval-intrinsic-dimensionality_{layer}" for layer in LAYERS]
+    assert none is None
+    with pytest.raises(ValueError, match="epoch"):
+        extract_layer_stat(table, epoch=5)
+
+
+def test_plot_stat_level_from_results_writes_beside_the_csv(csv_run):
+    from delve.writers import plot_stat_level_from_results
+
+    table = pd.read_csv(csv_run, sep=";", index_col=0)
+    ax = plot_stat_level_from_results(str(csv_run), -1, "lsat", primary_metric="accuracy")
+    png = csv_run.parent / "run_lsat_train_epoch_1.png"
+    assert imread(png).shape[0] > 200
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), table.loc[1, [f"train-saturation_{l}" for l in LAYERS]])
+    assert ax.get_ylim() == (0.0, 1.0) and ax.get_xlabel() and ax.get_ylabel() == "saturation"
+    ax = plot_stat_level_from_results(str(csv_run), 0, "idim_eval", save=False)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(),
+                               table.loc[0, [f"eval-intrinsic-dimensionality_{l}" for l in LAYERS]])
+    assert not (csv_run.parent / "run_idim_eval_epoch_0.png").exists()
+    with pytest.raises(ValueError, match="stat"):
+        plot_stat_level_from_results(str(csv_run), 0, "bogus")
+
+
+def test_plot_stat_skips_rows_without_data(tmp_path):
+    from delve.writers import plot_stat
+
+    row = pd.DataFrame({"eval-saturation_a": [np.nan], "eval-saturation_b": [np.nan]}, index=[3])
+    ax = plot_stat(row, "lsat", savepath=str(tmp_path / "run.csv"), epoch=3, stat_mode="eval")
+    assert len(ax.lines) == 0 and os.listdir(tmp_path) == []
+
+
+def test_plot_scatter_from_results(tmp_path):
+    from delve.writers import plot_scatter_from_results
+
+    rng = np.random.default_rng(0)
+    samples = {f"train-embedded-sample_{layer}": [rng.normal(size=(20, 2)), rng.normal(size=(30, 2))]
+               for layer in LAYERS}
+    df = pd.DataFrame(samples)
+    ax = plot_scatter_from_results(str(tmp_path / "run.csv"), -1, "embed", df)
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), samples["train-embedded-sample_0"][1])
+    assert ax.get_title() == "0"
+    assert imread(tmp_path / "run_embed_train_epoch_1.png").shape[1] > 300
+    assert plot_scatter_from_results(str(tmp_path / "run.csv"), -1, "embed", pd.DataFrame()) is None
