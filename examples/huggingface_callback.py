@@ -61,7 +61,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    train, test = (CountingTask(256, 0), CountingTask(128, 1)) if args.quick else (CountingTask(4000, 0), CountingTask(1000, 1))
+    sizes = (256, 128) if args.quick else (4000, 1000)
+    train, test = CountingTask(sizes[0], seed=0), CountingTask(sizes[1], seed=1)
     training_args = TrainingArguments(
         output_dir="runs/huggingface_trainer",
         num_train_epochs=2 if args.quick else args.epochs,

@@ -58,10 +58,19 @@ def test_core_import_does_not_load_frameworks():
 
 
 # --------------------------------------------------------------------- Lightning
-pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is not installed (pip install delve[lightning])")
+def lightning():
+    """``lightning.pytorch``, else ``pytorch_lightning`` (as the callback does), else skip the test."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        reason = "PyTorch Lightning is not installed (pip install delve[lightning])"
+        pl = pytest.importorskip("pytorch_lightning", reason=reason)
+    return pl
 
 
 def lightning_module_class():
+    pl = lightning()
+
     class TinyClassifier(pl.LightningModule):
         def __init__(self, lr=0.1):
             super().__init__()
@@ -92,6 +101,7 @@ def lightning_loaders():
 
 
 def lightning_trainer(tmp_path, callbacks, **kwargs):
+    pl = lightning()
     options = dict(
         max_epochs=2,
         accelerator="cpu",
@@ -121,6 +131,7 @@ class OutputRecorder:
 
 
 def test_lightning_rows_match_numpy_on_the_same_activations(tmp_path):
+    lightning()
     from delve.integrations.lightning import SaturationCallback
 
     model = lightning_module_class()()
@@ -142,7 +153,8 @@ def test_lightning_rows_match_numpy_on_the_same_activations(tmp_path):
             assert frame.loc[epoch, f"{mode}-intrinsic-dimensionality_net-0"] == idim
             assert frame.loc[epoch, f"{mode}-saturation_net-0"] == pytest.approx(idim / 8)
     # The same numbers reached the trainer's loggers.
-    assert trainer.callback_metrics["delve/eval-saturation_net-0"].item() == pytest.approx(frame.loc[1, "eval-saturation_net-0"])
+    logged_last = trainer.callback_metrics["delve/eval-saturation_net-0"].item()
+    assert logged_last == pytest.approx(frame.loc[1, "eval-saturation_net-0"])
     logged = pd.read_csv(tmp_path / "logs" / "version_0" / "metrics.csv")
     column = logged["delve/train-covariance-trace_net-0"].dropna()
     np.testing.assert_allclose(column.to_numpy(), frame["train-covariance-trace_net-0"].to_numpy(), rtol=1e-6)
@@ -151,6 +163,7 @@ def test_lightning_rows_match_numpy_on_the_same_activations(tmp_path):
 
 
 def test_lightning_every_n_steps_writes_step_rows_and_validation_rows(tmp_path):
+    lightning()
     from delve.integrations.lightning import SaturationCallback
 
     savefile = str(tmp_path / "steps")
@@ -167,11 +180,12 @@ def test_lightning_every_n_steps_writes_step_rows_and_validation_rows(tmp_path):
 
 
 def test_lightning_resume_continues_the_csv(tmp_path):
+    lightning()
     from delve.integrations.lightning import SaturationCallback
 
     savefile = str(tmp_path / "resume")
     module_class = lightning_module_class()
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    checkpoint = lightning().callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     first = SaturationCallback(savefile, every_n_steps=4)
     lightning_trainer(tmp_path, [first, checkpoint], max_epochs=1, enable_checkpointing=True).fit(
         module_class(), *lightning_loaders()
@@ -189,6 +203,7 @@ def test_lightning_resume_continues_the_csv(tmp_path):
 
 
 def test_lightning_callback_rejects_bad_options(tmp_path):
+    lightning()
     from delve.integrations.lightning import SaturationCallback
 
     with pytest.raises(TypeError, match="sat_treshold"):
@@ -257,10 +272,15 @@ def test_huggingface_rows_match_numpy_on_the_same_activations(tmp_path):
     from delve.integrations.huggingface import ROW_KEY, SaturationCallback
 
     class EpochCounter(TrainerCallback):
-        epoch = -1
+        def __init__(self):
+            self.epoch = -1
+            self.evaluations = []
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             self.epoch += 1
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.evaluations.append(dict(metrics))
 
     counter = EpochCounter()
     savefile = str(tmp_path / "hf")
@@ -285,6 +305,9 @@ def test_huggingface_rows_match_numpy_on_the_same_activations(tmp_path):
         assert entry["delve/eval-covariance-trace_net-0"] == pytest.approx(
             frame.loc[entry[ROW_KEY], "eval-covariance-trace_net-0"], rel=1e-9
         )
+    # The evaluation's metrics carry the row too (callbacks after delve's and Trainer.evaluate see them).
+    assert [m["delve/eval-saturation_net-0"] for m in counter.evaluations] == frame["eval-saturation_net-0"].tolist()
+    assert "eval_loss" in counter.evaluations[0]
     assert not any(type(h).__module__ == "delve.tracker" for h in model.net[0]._forward_hooks.values())
 
 
@@ -293,7 +316,8 @@ def test_huggingface_every_n_steps_and_evaluation_rows(tmp_path):
     from delve.integrations.huggingface import SaturationCallback
 
     savefile = str(tmp_path / "hf_steps")
-    trainer = hf_trainer(tmp_path, [SaturationCallback(savefile, every_n_steps=3)], max_steps=6, eval_strategy="steps", eval_steps=2)
+    callbacks = [SaturationCallback(savefile, every_n_steps=3)]
+    trainer = hf_trainer(tmp_path, callbacks, max_steps=6, eval_strategy="steps", eval_steps=2)
     trainer.train()
     frame = read_csv(savefile)
     # Steps 1..6: evaluations after steps 2, 4 and 6; step-rows due after 3 and 6 (6 shares the evaluation's row).
@@ -313,7 +337,8 @@ def test_huggingface_resume_continues_the_csv(tmp_path):
     before = read_csv(savefile)
     checkpoint = tmp_path / "hf_out" / "checkpoint-4"
     assert checkpoint.is_dir()
-    hf_trainer(tmp_path, [SaturationCallback(savefile)], num_train_epochs=2).train(resume_from_checkpoint=str(checkpoint))
+    resumed = hf_trainer(tmp_path, [SaturationCallback(savefile)], num_train_epochs=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     after = read_csv(savefile)
     assert list(after.index) == [0, 1]
     pd.testing.assert_frame_equal(after.loc[[0], before.columns], before)

@@ -79,6 +79,17 @@ class TrackerDriver:
         If ``options`` holds a name that is not a tracker option.
     ValueError
         If ``every_n_steps`` is not ``None`` or a positive int.
+
+    Examples
+    --------
+    >>> import torch
+    >>> driver = TrackerDriver("runs/doc_driver", None, "delve/", {"nosave": True})
+    >>> model = nn.Sequential(nn.Linear(3, 2))
+    >>> _ = driver.start(model)
+    >>> _ = model(torch.randn(16, 3))
+    >>> driver.write_row(), driver.rows_written
+    ({'delve/train-saturation_0': 1.0}, 1)
+    >>> driver.close()
     """
 
     def __init__(self, savefile: str, every_n_steps: Optional[int], log_prefix: str, options: Dict[str, Any]) -> None:

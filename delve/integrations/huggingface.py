@@ -47,7 +47,8 @@ class SaturationCallback(TrainerCallback):
     With ``log_to_trainer`` each row's scalar statistics are appended to
     ``state.log_history`` (as ``Trainer.log`` does, so they are saved in every
     checkpoint's ``trainer_state.json``), and those of a row written at an
-    evaluation are also added to the metrics ``Trainer.evaluate`` returns.
+    evaluation are also added to that evaluation's metrics (which
+    ``Trainer.evaluate`` returns and the callbacks after this one receive).
 
     Parameters
     ----------
@@ -116,13 +117,17 @@ class SaturationCallback(TrainerCallback):
         self._row_pending = False
         self.driver.start(model)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """With ``every_n_steps``, a row is due at every multiple of it."""
         every = self.driver.every_n_steps
         if self.driver.tracker is not None and every is not None and state.global_step % every == 0:
             self._row_due(state, control)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Without ``every_n_steps``, a row is due at every epoch end."""
         if self.driver.tracker is not None and self.driver.every_n_steps is None:
             self._row_due(state, control)
@@ -142,7 +147,9 @@ class SaturationCallback(TrainerCallback):
         if self.log_to_trainer and metrics is not None:
             metrics.update(scalars)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Write a row still waiting for its evaluation, then remove the hooks and close the writers."""
         if self._row_pending and self.driver.tracker is not None:
             self._write_row(state)
