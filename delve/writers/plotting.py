@@ -173,7 +173,7 @@ def draw_evolution(
 
 def evolution_size(layers: Sequence[str], epochs: Sequence[int]) -> Tuple[float, float]:
     """Figure size of a heatmap: taller with more layers, wider with more epochs."""
-    return min(max(6.4, 0.45 * len(epochs) + 4.0), 22.0), min(max(3.2, 0.32 * len(layers) + 1.6), 40.0)
+    return min(max(6.4, 0.3 * len(epochs) + 4.5), 16.0), min(max(3.2, 0.32 * len(layers) + 1.6), 40.0)
 
 
 def wrap_name(name: str, width: int) -> str:
@@ -277,6 +277,8 @@ def extract_layer_stat(
         raise ValueError(f"epoch={epoch!r} is not in the table; its epochs are {list(df.index.values)}")
     epoch_df = df[df.index.values == epoch]
     metric = None if primary_metric is None else epoch_df[primary_metric].values[0]
+    if isinstance(metric, np.generic):
+        metric = metric.item()
     return epoch_df[_stat_columns(df, stat, state_mode)], metric
 
 
