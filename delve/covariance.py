@@ -1,30 +1,52 @@
 r"""Streaming, mergeable covariance of a layer's outputs.
 
-:class:`TorchCovarianceMatrix` keeps three pieces of state per layer and mode:
-the number of samples :math:`n`, their mean :math:`\mu` and the centered second
-moment :math:`M_2 = \sum_i (a_i - \mu)(a_i - \mu)^T`, all in float64. Each batch
-is centered on its own mean before its Gram matrix is formed (in float32 for
-float32/half activations, in float64 for float64 ones), and folded in with
-Chan's parallel update
+:class:`TorchCovarianceMatrix` keeps the number of samples :math:`n`, their
+mean :math:`\mu` and the centered second moment
+:math:`M_2 = \sum_i (a_i - \mu)(a_i - \mu)^T` in float64. The covariance is the
+population covariance :math:`Q = M_2 / n` of every sample seen since the last
+:meth:`~TorchCovarianceMatrix.reset` (eq. 1 of "Feature Space Saturation during
+Training", arXiv 2006.08679).
 
-.. math::
+How a batch gets in, cheaply and without losing precision:
 
-    n = n_a + n_b,\quad
-    \mu = \mu_a + \tfrac{n_b}{n}\,\delta,\quad
-    M_2 = M_{2,a} + M_{2,b} + \tfrac{n_a n_b}{n}\,\delta\delta^T,\quad
-    \delta = \mu_b - \mu_a,
+1. The batch's mean in the working precision (float32, or float64 for float64
+   activations) is the shift :math:`s_b`; the rows are centered on it and the
+   exact float64 mean :math:`\mu_b = s_b + e_b` follows from the sum of the
+   centered rows.
+2. The Gram matrix :math:`G = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM in
+   the working precision. A convolution's ``(b, c, positions)`` output is
+   centered straight into a channel-major copy, so the GEMM needs no transposed
+   copy. Batches with fewer rows than features are staged in a buffer first,
+   so that one GEMM covers many of them (a GEMM over few rows is slow).
+3. Each GEMM's result is folded into the float64 state, exactly:
 
-so that activations with a large mean and a tiny spread keep their precision.
-The covariance is the population covariance :math:`Q = M_2 / n` of every sample
-seen since the last :meth:`~TorchCovarianceMatrix.reset`
-(eq. 1 of "Feature Space Saturation during Training", arXiv 2006.08679).
+   .. math::
 
-Updates never synchronise with the device: a batch holding NaN or Inf is left
-out through ``torch.where`` and counted in ``num_skipped_batches``.
+       M_{2,w} = G - \sum_b n_b\, e_b e_b^T
+                 + \sum_b n_b (\mu_b - \mu_w)(\mu_b - \mu_w)^T,
+
+   followed by Chan's parallel update
+   :math:`M_2 \leftarrow M_2 + M_{2,w} + \tfrac{n\, n_w}{n + n_w}\,\delta\delta^T`,
+   :math:`\delta = \mu_w - \mu`, where :math:`w` are the batches of that GEMM.
+   The rank-one terms go through one small float64 GEMM, so the float64 work
+   on the :math:`d \times d` matrix is a few passes per GEMM of at least
+   :math:`d` rows.
+
+Updates never synchronise with the device: a batch holding NaN or Inf (or
+values whose squares overflow the working precision) is zeroed through a
+device-side mask and counted in ``num_skipped_batches``.
+
+Sampling (``sample_rows=m``) keeps ``m`` rows of each batch, drawn uniformly at
+random without replacement, weighted by :math:`n_b / m`: the mean and the raw
+second moment are then unbiased estimates of those of all rows, and the
+covariance is off by no more than the variance of the estimated mean, a term of
+order one over the number of rows kept.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+import math
+import random
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -32,22 +54,98 @@ Device = Union[str, torch.device, None]
 
 _STATE_VERSION = 1
 
+#: Seed of the row sampling of every accumulator that is not given one.
+DEFAULT_SAMPLE_SEED = 0
 
-def _chan_merge(
-    count_a: torch.Tensor,
-    mean_a: torch.Tensor,
-    m2_a: torch.Tensor,
-    count_b: torch.Tensor,
-    mean_b: torch.Tensor,
-    m2_b: torch.Tensor,
-) -> None:
-    """Fold (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a) in place (Chan et al., 1979)."""
-    total = count_a + count_b
-    weight_b = torch.where(total > 0, count_b / total.clamp_min(1.0), torch.zeros_like(total))
-    delta = mean_b - mean_a
-    mean_a.add_(delta * weight_b)
-    m2_a.add_(m2_b).add_(torch.outer(delta, delta) * (count_a * weight_b))
-    count_a.copy_(total)
+#: Elements per chunk when the working-precision buffer is added to the float64 state.
+_FOLD_CHUNK = 1 << 16
+
+
+class CovarianceMemoryError(ValueError):
+    """A layer's covariance would need more memory than the budget allows."""
+
+
+def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
+    """Bytes one accumulator of ``dim`` features holds at most.
+
+    That is the float64 ``M2`` (``8 d^2``), the working-precision Gram matrix
+    and the staging buffer for small batches (``4 d^2`` each, ``8 d^2`` for
+    float64 activations), and a few vectors. Scratch space the size of one
+    batch of activations comes on top.
+
+    Parameters
+    ----------
+    dim : int
+        Number of features (columns of the samples).
+    float64_input : bool
+        Whether the activations are float64, which makes the Gram buffer float64 too.
+
+    Returns
+    -------
+    int
+        The number of bytes.
+
+    Examples
+    --------
+    >>> covariance_nbytes(1024) / 2**20
+    16.03...
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        raise ValueError(f"dim must be an int >= 0, got {dim!r}")
+    work_bytes = 8 if float64_input else 4
+    return dim * dim * (8 + 2 * work_bytes) + dim * 8 * 4
+
+
+def _format_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int]) -> int:
+    """Bytes of one covariance of ``dim`` features; raise if they exceed ``memory_budget``.
+
+    Parameters
+    ----------
+    layer_name : str
+        Name of the layer, used in the error message.
+    dim : int
+        Number of features of the layer's samples.
+    memory_budget : int or None
+        Most bytes one layer may hold per mode; ``None`` for no limit.
+
+    Returns
+    -------
+    int
+        The bytes, as :func:`covariance_nbytes`.
+
+    Raises
+    ------
+    CovarianceMemoryError
+        (a ``ValueError``) naming the layer, its size and what to do instead.
+
+    Examples
+    --------
+    >>> check_memory_budget("fc", 512, memory_budget=2**30)
+    4210688
+    """
+    nbytes = covariance_nbytes(dim)
+    if memory_budget is not None and nbytes > memory_budget:
+        raise CovarianceMemoryError(
+            f"layer {layer_name!r} has {dim} features: its covariance needs {_format_bytes(nbytes)} "
+            f"per mode, more than memory_budget={memory_budget} ({_format_bytes(memory_budget)}). "
+            "Use conv_method='channelwise' or 'mean' instead of 'flatten', set interpolation_strategy "
+            "to shrink feature maps, leave the layer out (ignore_layer_names, layer_filter) or raise "
+            "memory_budget."
+        )
+    return nbytes
+
+
+def _check_optional_int(name: str, value: Any, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be None or an int >= {minimum}, got {value!r}")
 
 
 class TorchCovarianceMatrix:
@@ -65,6 +163,19 @@ class TorchCovarianceMatrix:
         Keep up to ``max_saved_samples`` rows of the data (for the ``embed`` statistic).
     max_saved_samples : int
         How many rows ``save_data`` keeps.
+    sample_rows : int, optional
+        Keep only this many rows of each batch, drawn uniformly at random
+        without replacement and weighted so that the statistics stay unbiased
+        (see the module docstring). ``None`` (the default) keeps every row and
+        the statistics are exact.
+    seed : int, optional
+        Seed of the row sampling; ``None`` uses :data:`DEFAULT_SAMPLE_SEED`.
+        The sampling never draws from torch's global random state.
+    memory_budget : int, optional
+        Most bytes the state may take (see :func:`check_memory_budget`),
+        checked when the first batch fixes the feature dimension.
+    name : str
+        Name of the layer, for error messages.
 
     Examples
     --------
@@ -72,7 +183,7 @@ class TorchCovarianceMatrix:
     >>> acc.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
     >>> acc.update(torch.tensor([[2.0, 0.0]]))
     >>> acc.compute()[0, 0].item()
-    0.6666666666666666
+    0.666666666666...
     """
 
     def __init__(
@@ -81,16 +192,32 @@ class TorchCovarianceMatrix:
         device: Device = None,
         save_data: bool = False,
         max_saved_samples: int = 1000,
+        sample_rows: Optional[int] = None,
+        seed: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        name: str = "",
     ) -> None:
+        _check_optional_int("sample_rows", sample_rows, 2)
+        _check_optional_int("seed", seed, 0)
+        _check_optional_int("memory_budget", memory_budget, 1)
         self.bias = bias
         self.device = torch.device(device) if device is not None else None
         self.save_data = save_data
         self.max_saved_samples = max_saved_samples
+        self.sample_rows = sample_rows
+        self.seed = DEFAULT_SAMPLE_SEED if seed is None else seed
+        self.memory_budget = memory_budget
+        self.name = name
         self._count: Optional[torch.Tensor] = None
         self._mean: Optional[torch.Tensor] = None
         self._m2: Optional[torch.Tensor] = None
         self._num_skipped: Optional[torch.Tensor] = None
-        self._saved: list[torch.Tensor] = []
+        self._buffers: Dict[str, torch.Tensor] = {}
+        self._num_staged = 0
+        self._pending: List[tuple] = []
+        self._python_rng: Optional[random.Random] = None
+        self._torch_rng: Optional[torch.Generator] = None
+        self._saved: List[torch.Tensor] = []
         self._num_saved = 0
 
     # ------------------------------------------------------------------ state
@@ -107,16 +234,19 @@ class TorchCovarianceMatrix:
     @property
     def count(self) -> int:
         """Number of samples accumulated since the last reset (synchronises with the device)."""
-        return 0 if self._count is None else int(self._count.item())
+        self._fold()
+        return 0 if self._count is None else int(round(self._count.item()))
 
     @property
     def num_skipped_batches(self) -> int:
         """Number of batches left out because they held NaN or Inf (synchronises)."""
+        self._fold()
         return 0 if self._num_skipped is None else int(self._num_skipped.item())
 
     @property
     def mean(self) -> Optional[torch.Tensor]:
         """Float64 mean of the accumulated samples."""
+        self._fold()
         return self._mean
 
     @property
@@ -125,13 +255,13 @@ class TorchCovarianceMatrix:
         return torch.cat(self._saved) if self._saved else None
 
     def _init_state(self, dim: int, device: torch.device) -> None:
-        # Created outside inference mode so that training after an inference_mode
-        # forward can still update the state in place.
-        with torch.inference_mode(False):
-            self._count = torch.zeros((), dtype=torch.float64, device=device)
-            self._mean = torch.zeros(dim, dtype=torch.float64, device=device)
-            self._m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-            self._num_skipped = torch.zeros((), dtype=torch.int64, device=device)
+        check_memory_budget(self.name, dim, self.memory_budget)
+        self._count = self._new_tensor((), torch.float64, device, zero=True)
+        self._mean = self._new_tensor((dim,), torch.float64, device, zero=True)
+        self._m2 = self._new_tensor((dim, dim), torch.float64, device, zero=True)
+        self._num_skipped = self._new_tensor((), torch.int64, device, zero=True)
+        self._buffers = {}
+        self._num_staged = 0
 
     def reset(self) -> None:
         """Forget every sample; keeps the allocated state (and its device)."""
@@ -140,6 +270,8 @@ class TorchCovarianceMatrix:
             self._mean.zero_()
             self._m2.zero_()
             self._num_skipped.zero_()
+        self._pending = []
+        self._num_staged = 0
         self._saved = []
         self._num_saved = 0
 
@@ -162,48 +294,164 @@ class TorchCovarianceMatrix:
             x = x.unsqueeze(0)
         if x.ndim not in (2, 3):
             raise ValueError(f"x must have shape (n, d) or (b, d, l), got {tuple(x.shape)}")
-        blocks = x.ndim == 3
         dim = x.shape[1]
-        num_samples = x.shape[0] * x.shape[2] if blocks else x.shape[0]
-        if num_samples == 0:
+        num_rows = x.shape[0] * x.shape[2] if x.ndim == 3 else x.shape[0]
+        if num_rows == 0:
             return
         x = x.detach()
         if self.device is not None and x.device != self.device:
             x = x.to(self.device, non_blocking=True)
+        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._m2 is None:
             self._init_state(dim, x.device)
         elif dim != self._m2.shape[0]:
             raise ValueError(f"x has {dim} features, the accumulator holds {self._m2.shape[0]}")
-        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self.save_data and self._num_saved < self.max_saved_samples:
+            self._save_rows(x)
+        weight = 1.0
+        if self.sample_rows is not None and num_rows > self.sample_rows:
+            x = self._sample(x, num_rows)
+            weight = num_rows / self.sample_rows
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(work_dtype)
-            reduce_dims = (0, 2) if blocks else (0,)
-            batch_mean = x.sum(dim=reduce_dims, dtype=torch.float64) / num_samples
-            shift = batch_mean.to(work_dtype)
-            if blocks:
-                centered = x - shift[None, :, None]
-                gram = torch.bmm(centered, centered.transpose(1, 2)).sum(0)
+            if x.ndim == 3 and x.shape[0] * x.shape[2] < dim:
+                x = x.transpose(1, 2).reshape(-1, dim)
+            if x.ndim == 3:
+                self._add_blocks(x, num_rows)
             else:
-                centered = x - shift
-                gram = centered.T @ centered
-            shift_error = batch_mean - shift.to(torch.float64)
-            batch_m2 = gram.to(torch.float64) - torch.outer(shift_error, shift_error) * num_samples
-            finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_m2.diagonal()).all()
-            zero = torch.zeros((), dtype=torch.float64, device=x.device)
-            _chan_merge(
-                self._count,
-                self._mean,
-                self._m2,
-                torch.where(finite, zero + num_samples, zero),
-                torch.where(finite, batch_mean, zero),
-                torch.where(finite, batch_m2, zero),
-            )
-            self._num_skipped.add_((~finite).to(torch.int64))
-        if self.save_data and self._num_saved < self.max_saved_samples:
-            self._save_rows(x, blocks)
+                self._add_rows(x, num_rows, weight)
 
-    def _save_rows(self, x: torch.Tensor, blocks: bool) -> None:
-        rows = x.permute(0, 2, 1).reshape(-1, x.shape[1]) if blocks else x
+    def _sample(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """``sample_rows`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
+        if x.device.type == "cpu":
+            if self._python_rng is None:
+                self._python_rng = random.Random(self.seed)
+            index = torch.tensor(self._python_rng.sample(range(num_rows), self.sample_rows))
+        else:
+            if self._torch_rng is None:
+                self._torch_rng = torch.Generator(device=x.device)
+                self._torch_rng.manual_seed(self.seed)
+            index = torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[: self.sample_rows]
+        if x.ndim == 2:
+            return x.index_select(0, index.to(x.device))
+        length = x.shape[2]
+        return x[index // length, :, index % length]
+
+    @staticmethod
+    def _new_tensor(shape: tuple, dtype: torch.dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
+        # Outside inference mode, so that training after an inference_mode forward
+        # can still update the state in place.
+        with torch.inference_mode(False):
+            return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+
+    def _buffer(self, slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous scratch tensor of ``shape``, reused across batches (fresh large
+        allocations cost page faults on CPU); it only grows."""
+        numel = math.prod(shape)
+        flat = self._buffers.get(slot)
+        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._buffers[slot] = self._new_tensor((numel,), like.dtype, like.device)
+        return flat[:numel].view(shape)
+
+    def _queue(self, shift: torch.Tensor, offset: torch.Tensor, finite: torch.Tensor, num_kept: int, num_rows: int):
+        """Remember the batch's count, mean and mean-minus-shift for the next fold."""
+        error = offset.to(torch.float64).div_(num_kept)
+        count = finite.to(torch.float64).mul_(num_rows)
+        self._pending.append((count, error.add(shift), error))
+
+    def _add_blocks(self, x: torch.Tensor, num_rows: int) -> None:
+        """``(b, d, l)`` with at least ``d`` samples: one GEMM over a channel-major centered copy."""
+        self._fold()
+        dim, num_kept = x.shape[1], x.shape[0] * x.shape[2]
+        shift = x.mean(dim=(0, 2))
+        work = self._buffer("blocks", (dim, x.shape[0], x.shape[2]), x)
+        centered = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
+        gram, finite = self._gram_of(centered, centered.T, 1.0)
+        self._queue(shift, centered.sum(dim=1), finite, num_kept, num_rows)
+        self._fold(gram)
+
+    def _add_rows(self, x: torch.Tensor, num_rows: int, weight: float) -> None:
+        """``(n, d)`` rows; fewer than ``d`` are staged so that one GEMM covers several batches."""
+        num_kept, dim = x.shape
+        shift = x.mean(dim=0)
+        if num_kept >= dim:
+            self._fold()
+            centered = torch.sub(x, shift, out=self._buffer("rows", (num_kept, dim), x))
+            gram, finite = self._gram_of(centered.T, centered, weight)
+            self._queue(shift, centered.sum(dim=0), finite, num_kept, num_rows)
+            self._fold(gram)
+            return
+        if self._num_staged and (self._num_staged + num_kept > dim or self._buffers["staged"].dtype != x.dtype):
+            self._fold()
+        staged = self._buffer("staged", (dim, dim), x)
+        centered = torch.sub(x, shift, out=staged[self._num_staged : self._num_staged + num_kept])
+        self._num_staged += num_kept
+        offset = centered.sum(dim=0)
+        if weight != 1.0:
+            centered.mul_(math.sqrt(weight))
+        # At most d batches share a GEMM: each may add a d-th of the largest finite value.
+        limit = math.sqrt(torch.finfo(x.dtype).max / (2.0 * dim))
+        finite = torch.linalg.vector_norm(centered) <= limit
+        centered.masked_fill_(~finite, 0.0)
+        self._queue(shift, offset, finite, num_kept, num_rows)
+
+    def _gram_of(self, left: torch.Tensor, right: torch.Tensor, weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``weight * left @ right`` in the Gram buffer, zeroed unless finite; and whether it was."""
+        dim = left.shape[0]
+        gram = torch.mm(left, right, out=self._buffer("gram", (dim, dim), left))
+        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
+        finite = gram.diagonal().sum() <= torch.finfo(gram.dtype).max / weight
+        gram.masked_fill_(~finite, 0.0)
+        if weight != 1.0:
+            gram.mul_(weight)
+        return gram, finite
+
+    def _fold(self, gram: Optional[torch.Tensor] = None) -> None:
+        """Fold the pending batches into the float64 state, exactly (see the module docstring).
+
+        ``gram`` is their Gram matrix; without it the pending batches are the staged rows.
+        """
+        if not self._pending:
+            return
+        if gram is None:
+            dim = self._m2.shape[0]
+            staged = self._buffers["staged"][: self._num_staged * dim].view(self._num_staged, dim)
+            gram = torch.mm(staged.T, staged, out=self._buffer("gram", (dim, dim), staged))
+            self._num_staged = 0
+        counts = torch.stack([entry[0] for entry in self._pending])
+        good = (counts > 0)[:, None]
+        means = torch.where(good, torch.stack([entry[1] for entry in self._pending]), 0.0)
+        errors = torch.where(good, torch.stack([entry[2] for entry in self._pending]), 0.0)
+        self._pending = []
+        new_count = counts.sum()
+        new_mean = (counts @ means) / new_count.clamp_min(1.0)
+        total = self._count + new_count
+        new_weight = torch.where(total > 0, new_count / total.clamp_min(1.0), 0.0)
+        delta = new_mean - self._mean
+        roots = counts.sqrt()[:, None]
+        # Rank-one terms, added (between batches; new vs. old) or removed (mean - shift), in one GEMM.
+        added = torch.cat([roots * (means - new_mean), (self._count * new_weight).sqrt() * delta[None]])
+        terms = torch.cat([added, roots * errors])
+        signs = torch.ones(terms.shape[0], 1, dtype=terms.dtype, device=terms.device)
+        signs[added.shape[0] :] = -1.0
+        self._add_gram(gram)
+        self._m2.addmm_((terms * signs).T, terms)
+        self._mean.add_(delta * new_weight)
+        self._count.copy_(total)
+        self._num_skipped.add_((~good).sum())
+
+    def _add_gram(self, gram: torch.Tensor) -> None:
+        m2 = self._m2
+        if gram.dtype == m2.dtype:
+            m2.add_(gram)
+            return
+        # Converting in small chunks keeps both the cast and the add vectorised.
+        rows = max(1, _FOLD_CHUNK // m2.shape[1])
+        for start in range(0, m2.shape[0], rows):
+            m2[start : start + rows].add_(gram[start : start + rows].to(m2.dtype))
+
+    def _save_rows(self, x: torch.Tensor) -> None:
+        rows = x.permute(0, 2, 1).reshape(-1, x.shape[1]) if x.ndim == 3 else x
         rows = rows[: self.max_saved_samples - self._num_saved].to(torch.float32).clone()
         self._saved.append(rows)
         self._num_saved += rows.shape[0]
@@ -214,28 +462,31 @@ class TorchCovarianceMatrix:
         Parameters
         ----------
         other : TorchCovarianceMatrix
-            Accumulator over other samples of the same features; left unchanged.
+            Accumulator over other samples of the same features; its statistics
+            are left unchanged.
 
         Returns
         -------
         TorchCovarianceMatrix
             ``self``, now holding the samples of both.
         """
+        other._fold()
         if other._m2 is None:
             return self
+        self._fold()
         if self._m2 is None:
-            self._init_state(other._m2.shape[0], other._m2.device if self.device is None else self.device)
+            device = other._m2.device if self.device is None else self.device
+            self._init_state(other._m2.shape[0], device)
         elif self._m2.shape != other._m2.shape:
             raise ValueError(f"cannot merge accumulators of dimension {self.dim} and {other.dim}")
         device = self._m2.device
-        _chan_merge(
-            self._count,
-            self._mean,
-            self._m2,
-            other._count.to(device),
-            other._mean.to(device),
-            other._m2.to(device),
-        )
+        count_b = other._count.to(device)
+        total = self._count + count_b
+        weight_b = torch.where(total > 0, count_b / total.clamp_min(1.0), 0.0)
+        delta = other._mean.to(device) - self._mean
+        self._m2.add_(other._m2.to(device)).add_(torch.outer(delta, delta) * (self._count * weight_b))
+        self._mean.add_(delta * weight_b)
+        self._count.copy_(total)
         self._num_skipped.add_(other._num_skipped.to(device))
         return self
 
@@ -250,6 +501,7 @@ class TorchCovarianceMatrix:
         """
         if self._m2 is None:
             raise RuntimeError("TorchCovarianceMatrix.compute() called before any update()")
+        self._fold()
         cov = self._m2 / self._count
         return 0.5 * (cov + cov.T)
 
@@ -263,6 +515,7 @@ class TorchCovarianceMatrix:
     # ------------------------------------------------------- (de)serialisation
     def state_dict(self) -> Dict[str, Any]:
         """Plain dict of the state (tensors are copies), with a ``version`` key."""
+        self._fold()
         state: Dict[str, Any] = {"version": _STATE_VERSION}
         if self._m2 is not None:
             state.update(

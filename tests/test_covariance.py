@@ -1,0 +1,222 @@
+"""TorchCovarianceMatrix at its default settings against numpy float64 on the same activations."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from delve.adapters import AdapterOptions, conv_samples
+from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, check_memory_budget, covariance_nbytes
+from delve.metrics import compute_intrinsic_dimensionality
+
+RTOL = 1e-5
+
+
+def reference_cov(rows: List[np.ndarray]) -> np.ndarray:
+    data = np.concatenate([np.asarray(r, dtype=np.float64) for r in rows])
+    centered = data - data.mean(axis=0)
+    return centered.T @ centered / data.shape[0]
+
+
+def reference_idim(cov: np.ndarray, thresh: float) -> int:
+    values = np.sort(np.clip(np.linalg.eigvalsh(cov), 0.0, None))[::-1]
+    shares = np.cumsum(values) / values.sum()
+    return int(np.argmax(shares >= thresh * (1 - 1e-10))) + 1
+
+
+def rows_of(samples: torch.Tensor) -> np.ndarray:
+    """Samples as numpy float64 rows, (b, d, l) blocks transposed independently of delve."""
+    array = samples.detach().to(torch.float64).numpy()
+    if array.ndim == 3:
+        array = np.transpose(array, (0, 2, 1)).reshape(-1, array.shape[1])
+    return array
+
+
+def accumulate(batches, **kwargs) -> TorchCovarianceMatrix:
+    acc = TorchCovarianceMatrix(**kwargs)
+    for batch in batches:
+        acc.update(batch)
+    return acc
+
+
+def assert_matches(acc: TorchCovarianceMatrix, batches, thresholds=(0.9, 0.99), det=True) -> None:
+    expected = reference_cov([rows_of(b) for b in batches])
+    cov = acc.compute().numpy()
+    assert acc.count == sum(rows_of(b).shape[0] for b in batches)
+    np.testing.assert_allclose(np.trace(cov), np.trace(expected), rtol=RTOL)
+    if det:
+        np.testing.assert_allclose(np.linalg.det(cov), np.linalg.det(expected), rtol=RTOL)
+    for thresh in thresholds:
+        assert compute_intrinsic_dimensionality(cov, thresh) == reference_idim(expected, thresh)
+    np.testing.assert_allclose(acc.mean.numpy(), np.concatenate([rows_of(b) for b in batches]).mean(0), atol=1e-6)
+
+
+def linear_batches(sizes, in_features=16, out_features=8, mean=0.0, spread=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        return [mean + spread * layer(torch.randn(n, in_features, generator=generator)) for n in sizes]
+
+
+# Sizes cross the staging capacity (d rows) and the fold window (16 batches) several times.
+SIZES = [64] * 20 + [3, 1, 50, 7, 200, 5]
+
+
+def test_linear_outputs_match_numpy():
+    batches = linear_batches(SIZES)
+    assert_matches(accumulate(batches), batches)
+
+
+def test_large_mean_small_spread_matches_numpy():
+    batches = [b.to(torch.float32) for b in linear_batches(SIZES, mean=1e4, spread=0.01)]
+    assert batches[0].dtype == torch.float32
+    assert_matches(accumulate(batches), batches)
+
+
+def test_autocast_bfloat16_outputs_match_numpy():
+    torch.manual_seed(1)
+    layer = nn.Linear(12, 6)
+    batches = []
+    acc = TorchCovarianceMatrix()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        for n in SIZES:
+            out = layer(torch.randn(n, 12))
+            assert out.dtype == torch.bfloat16
+            acc.update(out)
+            batches.append(out)
+    assert_matches(acc, batches)
+
+
+def test_wide_layer_with_few_rows_per_batch():
+    # 48 features, 10 rows per batch: rows are staged and folded across windows.
+    batches = linear_batches([10] * 37 + [3], in_features=48, out_features=48, seed=2)
+    assert_matches(accumulate(batches), batches, det=False)
+    expected = reference_cov([rows_of(b) for b in batches])
+    np.testing.assert_allclose(accumulate(batches).compute().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,size", [(8, 16), (2, 2)])
+def test_channelwise_conv_outputs_match_numpy(batch, size):
+    # (8, 16): many positions per channel (one GEMM over channels); (2, 2): fewer rows than channels.
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 10, 3, padding=1)
+    with torch.no_grad():
+        batches = [conv_samples(conv, conv(torch.randn(batch, 3, size, size)), AdapterOptions()) for _ in range(20)]
+    assert batches[0].ndim == 3
+    assert_matches(accumulate(batches), batches)
+
+
+def test_float64_outputs_match_numpy():
+    batches = [b.to(torch.float64) * 1e3 + 7 for b in linear_batches(SIZES, seed=4)]
+    acc = accumulate(batches)
+    expected = reference_cov([rows_of(b) for b in batches])
+    np.testing.assert_allclose(acc.compute().numpy(), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_float32_then_float64_batches():
+    batches = linear_batches([30] * 5, seed=5)
+    mixed = [b if i % 2 else b.double() for i, b in enumerate(batches)]
+    assert_matches(accumulate(mixed), mixed)
+
+
+def test_known_intrinsic_dimensionality():
+    # 5 independent directions of variance >= 0.25 inside 20 features: idim is 5 by construction.
+    generator = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(20, 5, generator=generator))[0].T
+    scales = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.5])
+    acc = TorchCovarianceMatrix()
+    for _ in range(30):
+        acc.update((torch.randn(64, 5, generator=generator) * scales) @ basis + 3.0)
+    assert compute_intrinsic_dimensionality(acc.compute(), 0.999) == 5
+    assert compute_intrinsic_dimensionality(acc.compute(), 0.6) == 2  # 4 / 7.99 < 0.6 <= 6.25 / 7.99
+
+
+def test_staged_and_direct_batches_interleaved():
+    # 24 features: batches below 24 rows are staged, larger ones go straight to a GEMM.
+    batches = linear_batches([5, 30, 7, 7, 100, 1, 23, 24, 2] * 4, in_features=24, out_features=24, seed=7)
+    assert_matches(accumulate(batches), batches, det=False)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("shape", [(64, 8), (4, 8), (4, 8, 16)])
+def test_nonfinite_or_overflowing_batches_are_skipped(bad_value, shape):
+    generator = torch.Generator().manual_seed(8)
+    good = [torch.randn(*shape, generator=generator) for _ in range(6)]
+    bad = torch.randn(*shape, generator=generator)
+    bad.view(-1)[3] = bad_value
+    acc = TorchCovarianceMatrix()
+    for i, batch in enumerate(good):
+        acc.update(batch)
+        if i in (1, 4):
+            acc.update(bad)
+    assert acc.num_skipped_batches == 2
+    assert_matches(acc, good, det=False)
+
+
+def test_merge_and_state_dict_round_trip():
+    batches = linear_batches(SIZES, seed=9)
+    first, second = accumulate(batches[:13]), accumulate(batches[13:])
+    first.merge(second)
+    assert_matches(first, batches)
+    restored = TorchCovarianceMatrix()
+    restored.load_state_dict(first.state_dict())
+    assert_matches(restored, batches)
+    restored.update(batches[0])
+    assert_matches(restored, batches + batches[:1])
+
+
+def test_reset_forgets_everything():
+    batches = linear_batches(SIZES, seed=10)
+    acc = accumulate(batches[:5])
+    acc.reset()
+    assert acc.count == 0
+    for batch in batches[5:]:
+        acc.update(batch)
+    assert_matches(acc, batches[5:])
+
+
+def test_inference_mode_then_training_updates():
+    batches = linear_batches([20] * 6, seed=11)
+    acc = TorchCovarianceMatrix()
+    with torch.inference_mode():
+        acc.update(batches[0])
+    for batch in batches[1:3]:
+        acc.update(batch.requires_grad_())
+    with torch.inference_mode():
+        acc.update(batches[3])
+    for batch in batches[4:]:
+        acc.update(batch)
+    assert_matches(acc, batches)
+
+
+def test_compute_before_update_raises():
+    with pytest.raises(RuntimeError, match="before any update"):
+        TorchCovarianceMatrix().compute()
+
+
+def test_mismatched_dimension_raises():
+    acc = accumulate([torch.randn(5, 3)])
+    with pytest.raises(ValueError, match="4 features"):
+        acc.update(torch.randn(5, 4))
+
+
+def test_memory_budget_names_layer_and_size():
+    assert covariance_nbytes(100) >= 100 * 100 * 8
+    assert check_memory_budget("features-0", 100, None) == covariance_nbytes(100)
+    with pytest.raises(CovarianceMemoryError, match=r"'features-0'.*65536 features.*64\.\d GiB"):
+        check_memory_budget("features-0", 65536, memory_budget=2**30)
+    assert issubclass(CovarianceMemoryError, ValueError)
+
+
+def test_memory_budget_checked_when_first_batch_fixes_dimension():
+    acc = TorchCovarianceMatrix(memory_budget=10_000, name="conv1")
+    with pytest.raises(CovarianceMemoryError, match="'conv1' has 64 features"):
+        acc.update(torch.randn(4, 64))
+    assert not acc.is_initialized
+    small = TorchCovarianceMatrix(memory_budget=10_000, name="fc")
+    small.update(torch.randn(4, 8))
+    assert small.count == 4
