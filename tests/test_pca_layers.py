@@ -376,3 +376,17 @@ def test_wrong_input_shape_is_reported():
         LinearPCALayer(4)(torch.ones(2, 3))
     with pytest.raises(ValueError, match="height, width"):
         Conv2DPCALayer(4, verbose=False)(torch.ones(2, 4))
+
+
+def test_evaluation_under_inference_mode_then_more_training():
+    # Lightning validates under torch.inference_mode(); training must go on afterwards.
+    first, second = low_rank_data(200, seed=16), low_rank_data(200, seed=17)
+    layer = train_on(LinearPCALayer(8, threshold=0.9), first)
+    test = torch.from_numpy(low_rank_data(5, seed=18))
+    with torch.inference_mode():
+        layer(test)
+    train_on(layer, second)
+    with torch.inference_mode():
+        out = layer(test)
+    expected, _ = reference_projection(second, test.numpy(), 0.9, centering=True)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
