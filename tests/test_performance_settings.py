@@ -1,0 +1,140 @@
+"""Correctness of the performance settings of TorchCovarianceMatrix (row sampling, no host sync).
+
+Timings live in benchmarks/overhead.py, not here.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from delve.covariance import TorchCovarianceMatrix
+
+
+def batches_with_distinct_means(dim: int, seed: int = 0):
+    """Eight batches of 40 rows and a last one of 25 whose mean is far off: weighting matters."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=generator)
+    batches = [torch.randn(40, dim, generator=generator) @ mixing + i * 0.3 for i in range(8)]
+    batches.append(torch.randn(25, dim, generator=generator) @ mixing + 20.0)
+    return batches
+
+
+def exact_moments(batches):
+    rows = np.concatenate([b.numpy().astype(np.float64) for b in batches])
+    return rows.mean(0), rows.T @ rows / rows.shape[0]
+
+
+def sampled_moments(batches, sample_rows: int, seed: int):
+    acc = TorchCovarianceMatrix(sample_rows=sample_rows, seed=seed)
+    for batch in batches:
+        acc.update(batch)
+    return acc.mean.numpy().copy(), acc.fix(center=False).numpy(), acc.count
+
+
+def assert_unbiased(estimates: np.ndarray, exact: np.ndarray, sigmas: float = 4.5) -> None:
+    average = estimates.mean(0)
+    standard_error = estimates.std(0, ddof=1) / np.sqrt(len(estimates))
+    assert np.all(np.abs(average - exact) <= sigmas * standard_error + 1e-9), np.max(
+        np.abs(average - exact) / (standard_error + 1e-12)
+    )
+
+
+@pytest.mark.parametrize("dim,sample_rows", [(3, 6), (8, 4)])
+def test_sampling_gives_unbiased_mean_and_second_moment(dim, sample_rows):
+    # (3, 6): each sample goes straight to a GEMM; (8, 4): fewer rows than features, staged.
+    batches = batches_with_distinct_means(dim)
+    exact_mean, exact_second = exact_moments(batches)
+    runs = [sampled_moments(batches, sample_rows, seed) for seed in range(200)]
+    assert all(count == 8 * 40 + 25 for _, _, count in runs)
+    means = np.stack([mean for mean, _, _ in runs])
+    seconds = np.stack([second for _, second, _ in runs])
+    assert_unbiased(means, exact_mean)
+    assert_unbiased(seconds, exact_second)
+    # Power: kept rows averaged without the n / m weights would expect the mean of batch means.
+    unweighted = np.mean([b.numpy().astype(np.float64).mean(0) for b in batches], axis=0)
+    assert np.min(np.abs(unweighted - exact_mean) / (means.std(0, ddof=1) / np.sqrt(len(means)))) > 8
+
+
+def test_sampling_convolution_positions_is_unbiased():
+    # Blocks (b, d, l): features encode the block and the position, so a wrong gather shows.
+    blocks = torch.stack(
+        [torch.stack([torch.full((36,), float(b)), torch.arange(36.0), torch.arange(36.0) ** 0.5 * b]) for b in range(4)]
+    )
+    rows = blocks.permute(0, 2, 1).reshape(-1, 3).numpy().astype(np.float64)
+    estimates = []
+    for seed in range(200):
+        acc = TorchCovarianceMatrix(sample_rows=16, seed=seed)
+        acc.update(blocks)
+        acc.update(blocks[:2])
+        estimates.append(np.concatenate([acc.mean.numpy(), acc.fix(center=False).numpy().ravel()]))
+        assert acc.count == 4 * 36 + 2 * 36
+    both = np.concatenate([rows, rows[: 2 * 36]])
+    exact = np.concatenate([both.mean(0), (both.T @ both / len(both)).ravel()])
+    assert_unbiased(np.stack(estimates), exact)
+
+
+def test_sample_rows_at_least_the_batch_is_exact():
+    batches = batches_with_distinct_means(5, seed=1)
+    full, sampled = TorchCovarianceMatrix(), TorchCovarianceMatrix(sample_rows=40)
+    for batch in batches:
+        full.update(batch)
+        sampled.update(batch)
+    torch.testing.assert_close(sampled.compute(), full.compute(), rtol=0, atol=0)
+    rows = np.concatenate([b.numpy().astype(np.float64) for b in batches])
+    np.testing.assert_allclose(sampled.compute().numpy(), np.cov(rows.T, bias=True), rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_is_reproducible_and_leaves_global_rng_alone():
+    batches = batches_with_distinct_means(4, seed=2)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    first = sampled_moments(batches, 5, seed=7)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == python_state
+    again = sampled_moments(batches, 5, seed=7)
+    other = sampled_moments(batches, 5, seed=8)
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,parameter",
+    [
+        ({"sample_rows": 1}, "sample_rows"),
+        ({"sample_rows": 0}, "sample_rows"),
+        ({"sample_rows": True}, "sample_rows"),
+        ({"sample_rows": 2.5}, "sample_rows"),
+        ({"seed": -1}, "seed"),
+        ({"memory_budget": 0}, "memory_budget"),
+    ],
+)
+def test_invalid_settings_are_refused_at_construction(kwargs, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        TorchCovarianceMatrix(**kwargs)
+
+
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("sample_rows", [None, 8])
+def test_update_never_reads_tensor_values_on_the_host(monkeypatch, sample_rows):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("update() read a tensor value on the host")
+
+    batches = [
+        torch.randn(64, 16),  # straight to a GEMM
+        torch.randn(4, 16),  # staged
+        torch.randn(3, 16, 25),  # channelwise blocks
+        torch.randn(2, 16, 3),  # blocks with fewer positions than channels
+        torch.full((5, 16), float("nan")),  # skipped
+    ]
+    acc = TorchCovarianceMatrix(sample_rows=sample_rows)
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for batch in batches * 3:
+        acc.update(batch)
+    monkeypatch.undo()
+    assert acc.num_skipped_batches == 3
+    assert torch.isfinite(acc.compute()).all()
