@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from delve import metrics
+from delve import distributed, metrics
 from delve.adapters import Adapter, AdapterOptions, find_adapter
 from delve.covariance import TorchCovarianceMatrix
 from delve.layers import ModuleSpec, find_layers
@@ -280,10 +280,14 @@ class SaturationTracker:
 
         writer_args = dict(writer_args or {})
         writer_args.setdefault("savepath", savefile)
-        if not nosave:
+        # Under torch.distributed only rank 0 writes; the other ranks get a writer that drops everything.
+        writes_files = distributed.is_main_process()
+        if not nosave and writes_files:
             folder = os.path.abspath(savefile)
             os.makedirs(folder, exist_ok=True)
-        self.writer: AbstractWriter = build_writer(save_to, writer_args)
+        self.writer: AbstractWriter = (
+            build_writer(save_to, writer_args) if writes_files else distributed.NullWriter(**writer_args)
+        )
         if initial_epoch != 0 and not nosave:
             self.writer.resume_from_saved_state(initial_epoch)
 
@@ -344,8 +348,17 @@ class SaturationTracker:
         self.record = True
 
     # ------------------------------------------------------------ statistics
-    def _mode_has_data(self, mode: str) -> bool:
-        return any(state.modes[mode].accumulator.count > 0 for state in self._layer_states.values())
+    def _mode_has_data(self, mode: str, accumulators: Mapping[Tuple[str, str], TorchCovarianceMatrix]) -> bool:
+        return any(accumulators[(name, mode)].count > 0 for name in self._layer_states)
+
+    def _synced_accumulators(self) -> Dict[Tuple[str, str], TorchCovarianceMatrix]:
+        """``(layer, mode)`` to accumulator, merged over all ranks under torch.distributed (local ones untouched)."""
+        local = {
+            (name, mode): layer_state.modes[mode].accumulator
+            for name, layer_state in self._layer_states.items()
+            for mode in MODES
+        }
+        return distributed.sync_accumulators(local)
 
     def _layer_stats(
         self, mode: str, name: str, accumulator: TorchCovarianceMatrix
@@ -404,6 +417,9 @@ class SaturationTracker:
     def compute(self) -> Dict[str, Any]:
         """Statistics of everything recorded since the last reset, without writing or resetting.
 
+        Under ``torch.distributed`` this is a collective call (every rank must make
+        it) and the statistics are those of the data of all ranks.
+
         Returns
         -------
         dict
@@ -412,12 +428,13 @@ class SaturationTracker:
             mode that has data gets NaN.
         """
         results: Dict[str, Any] = {}
+        accumulators = self._synced_accumulators()
         for mode in MODES:
-            if not self._mode_has_data(mode):
+            if not self._mode_has_data(mode, accumulators):
                 continue
             saturations = []
-            for name, layer_state in self._layer_states.items():
-                accumulator = layer_state.modes[mode].accumulator
+            for name in self._layer_states:
+                accumulator = accumulators[(name, mode)]
                 values, saturation = self._layer_stats(mode, name, accumulator)
                 if self.layerwise_sat:
                     results.update(values)
@@ -454,7 +471,7 @@ class SaturationTracker:
         self._warn_nonfinite()
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)
-        if self.verbose:
+        if self.verbose and distributed.is_main_process():
             self._print_saturations(results)
         self.last_results = results
         if self.reset_covariance:
