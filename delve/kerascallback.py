@@ -87,25 +87,21 @@ if importlib.util.find_spec("keras") is None:
 
 import keras  # noqa: E402  (after the backend is chosen)
 
-if int(keras.__version__.split(".")[0]) < 3:
+if str(keras.__version__).split(".")[0] in ("1", "2"):
     raise ImportError(f"delve.kerascallback needs Keras 3, found {keras.__version__}: pip install 'delve[keras]'")
 
 _DENSE_TYPES = (keras.layers.Dense,)
-_CONV_TYPES = tuple(
-    getattr(keras.layers, name)
-    for name in (
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "SeparableConv1D",
-        "SeparableConv2D",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-    )
-    if hasattr(keras.layers, name)
+_CONV_TYPES = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
 )
 
 
@@ -120,7 +116,7 @@ def _check_threshold(value: Any) -> None:
 
 
 def is_torch_backend() -> bool:
-    """Whether Keras runs on the torch backend, where its layers are ``torch.nn.Module``s."""
+    """Whether Keras runs on the torch backend, where its layers are torch modules."""
     return keras.backend.backend() == "torch"
 
 
@@ -213,7 +209,7 @@ def keras_samples(layer: Any, output: torch.Tensor, options: AdapterOptions) -> 
 def _register_torch_adapters() -> None:
     """Let the tracker's hooks handle Keras layers, which are torch modules on the torch backend."""
     for layer_type in _DENSE_TYPES + _CONV_TYPES:
-        if issubclass(layer_type, nn.Module):
+        if isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
             register_adapter(layer_type, keras_samples)
 
 

@@ -32,8 +32,9 @@ if keras.backend.backend() != "torch":
         allow_module_level=True,
     )
 
-from delve import SaturationTracker, writers  # noqa: E402
+from delve import SaturationTracker, TorchCovarianceMatrix, writers  # noqa: E402
 from delve import kerascallback as kc  # noqa: E402
+from delve.adapters import AdapterOptions  # noqa: E402
 from delve.writers.base import AbstractWriter  # noqa: E402
 from reference import idim, population_cov  # noqa: E402
 
@@ -227,6 +228,41 @@ def test_saturation_logger_explains_subclassed_models() -> None:
     logger = kc.SaturationLogger(model, x)
     with pytest.raises(ValueError, match="SaturationTrackerCallback"):
         logger.compute()
+
+
+# ------------------------------------------------------------------ samples of Keras layers
+def _conv_reference(nhwc: np.ndarray, method: str) -> np.ndarray:
+    if method == "channelwise":
+        return nhwc.reshape(-1, nhwc.shape[-1])
+    if method == "flatten":
+        return nhwc.transpose(0, 3, 1, 2).reshape(nhwc.shape[0], -1)  # channel-major, as torch's NCHW
+    reduce = {"mean": np.mean, "max": np.max, "median": np.median}[method]
+    return reduce(nhwc.reshape(nhwc.shape[0], -1, nhwc.shape[-1]), axis=1)
+
+
+@pytest.mark.parametrize("conv_method", ["channelwise", "mean", "max", "median", "flatten"])
+def test_keras_samples_of_both_data_formats_match_numpy(conv_method: str) -> None:
+    nhwc = np.random.default_rng(15).normal(size=(3, 5, 3, 6))  # 15 positions: an odd count for the median
+    options = AdapterOptions(conv_method=conv_method)
+    expected = population_cov(_conv_reference(nhwc, conv_method))
+    layouts = {
+        "channels_last": torch.from_numpy(nhwc),
+        "channels_first": torch.from_numpy(nhwc).permute(0, 3, 1, 2),
+    }
+    for data_format, output in layouts.items():
+        layer = keras.layers.Conv2D(6, 3, data_format=data_format)
+        accumulator = TorchCovarianceMatrix()
+        accumulator.update(kc.keras_samples(layer, output, options))
+        np.testing.assert_allclose(accumulator.compute().numpy(), expected, atol=1e-12, err_msg=data_format)
+
+
+def test_keras_samples_of_dense_on_sequences_and_conv1d() -> None:
+    sequence = torch.randn(4, 7, 5, dtype=torch.float64)  # (batch, steps, features)
+    options = AdapterOptions()
+    assert torch.equal(kc.keras_samples(keras.layers.Dense(5), sequence, options), sequence.reshape(28, 5))
+    assert torch.equal(kc.keras_samples(keras.layers.Conv1D(5, 3), sequence, options), sequence.reshape(28, 5))
+    pooled = kc.keras_samples(keras.layers.Conv1D(5, 3), sequence, AdapterOptions(conv_method="mean"))
+    assert torch.allclose(pooled, sequence.mean(dim=1))
 
 
 # ------------------------------------------------------------------ tracker callback
