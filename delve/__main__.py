@@ -1,0 +1,72 @@
+"""Command line: ``python -m delve report RUN`` (or ``delve report RUN``) and ``delve tail RUN``.
+
+``RUN`` is the savefile given to the tracker (its CSV is ``RUN.csv``) or the CSV's path.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from delve.analysis import find_tail
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="delve", description="Analyse runs recorded by delve's SaturationTracker.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    report = commands.add_parser("report", help="write RUN/report.html: saturation figures, tail and recommendations")
+    report.add_argument("run", help="savefile given to the tracker (its CSV is RUN.csv), or the CSV itself")
+    report.add_argument("--receptive-field", dest="receptive_fields", metavar="JSON",
+                        help="receptive fields saved by delve.receptive_field.save_receptive_fields "
+                             "(default: RUN/receptive_fields.json when present)")
+    report.add_argument("--probes", metavar="CSV", help="probe accuracies (default: RUN/probes.csv when present)")
+    report.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    _tail_options(report)
+
+    tail = commands.add_parser("tail", help="print the layers of the low-saturation tail at the last epoch")
+    tail.add_argument("run", help="savefile given to the tracker (its CSV is RUN.csv), or the CSV itself")
+    _tail_options(tail)
+    return parser
+
+
+def _tail_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["train", "eval"], help="which saturation to judge (default: train)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="tail layers sit at most RATIO x the median before")
+    parser.add_argument("--min-gap", type=float, default=0.1, help="and at least MIN_GAP below it")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 1 on a bad run or argument).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    arguments = _parser().parse_args(argv)
+    try:
+        if arguments.command == "report":
+            from delve.report import report
+
+            path = report(
+                arguments.run, receptive_fields=arguments.receptive_fields, probes=arguments.probes,
+                output=arguments.output, mode=arguments.mode, ratio=arguments.ratio, min_gap=arguments.min_gap,
+            )
+            print(path)
+        else:
+            tail = find_tail(arguments.run, mode=arguments.mode, ratio=arguments.ratio, min_gap=arguments.min_gap)
+            print("\n".join(tail) if tail else "no tail")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"delve: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

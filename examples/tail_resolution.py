@@ -1,0 +1,127 @@
+"""A CNN deeper than its input needs: the saturation tail at 8 px disappears at 32 px.
+
+The same eight-layer CNN is trained on scikit-learn's digits twice: at their
+native 8x8 pixels and upsampled to 32x32. Its receptive field grows to 37
+pixels (3x3 convolutions, two 2x2 max-pools), so at 8 px the layers after
+the first pool already see the whole image before they start: they are
+unproductive ("Should You Go Deeper?", arXiv 2106.12307) and their saturation
+forms a tail ("Feature Space Saturation during Training", arXiv 2006.08679).
+At 32 px every layer still integrates new context and the tail goes away.
+
+For each resolution the script writes, under ``runs/``:
+
+- ``tail_resolution_<N>px.csv``: saturation per layer, train and eval, per epoch;
+- ``tail_resolution_<N>px/receptive_fields.json``: the traced receptive fields;
+- ``tail_resolution_<N>px/probes.csv``: logistic-regression probe accuracy per layer;
+- ``tail_resolution_<N>px/report.html``: the report, also available as
+  ``python -m delve report runs/tail_resolution_<N>px``.
+
+Run ``python examples/tail_resolution.py`` (``--quick`` for a run of a few seconds).
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from delve import SaturationTracker
+from delve.analysis import find_tail
+from delve.probes import linear_probes, probes_to_frame
+from delve.receptive_field import save_receptive_fields
+from delve.report import report
+
+
+def conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class DeepCNN(nn.Module):
+    """Three 3x3 convolutions, pool, three more, pool, two more, global average pool, linear classifier.
+
+    Receptive fields: 3, 5, 7 | 11, 15, 19 | 29, 37 pixels.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv(1, 16), conv(16, 16), conv(16, 16), nn.MaxPool2d(2),
+            conv(16, 32), conv(32, 32), conv(32, 32), nn.MaxPool2d(2),
+            conv(32, 64), conv(64, 64),
+        )
+        self.classifier = nn.Linear(64, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images).mean(dim=(2, 3)))
+
+
+def digit_loaders(resolution: int, batch_size: int = 64, limit: int = 0) -> tuple:
+    """Train/test loaders of the digits, upsampled (bilinear) to ``resolution`` pixels."""
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if resolution != 8:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    labels = torch.tensor(digits.target)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(labels), generator=generator)
+    train, test = order[:1400], order[1400:]
+    if limit:
+        train, test = train[:limit], test[: limit // 2]
+    return (
+        DataLoader(TensorDataset(images[train], labels[train]), batch_size=batch_size, shuffle=True,
+                   generator=generator),
+        DataLoader(TensorDataset(images[test], labels[test]), batch_size=256),
+    )
+
+
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def run(resolution: int, epochs: int, limit: int, probe_epochs: int) -> str:
+    torch.manual_seed(0)
+    train_loader, test_loader = digit_loaders(resolution, limit=limit)
+    model = DeepCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    savefile = f"runs/tail_resolution_{resolution}px"
+    with SaturationTracker(savefile, save_to="csv", modules=model) as tracker:
+        for epoch in range(epochs):
+            model.train()
+            for images, labels in train_loader:
+                optimizer.zero_grad()
+                loss_fn(model(images), labels).backward()
+                optimizer.step()
+            model.eval()
+            tracker.add_scalar("test_accuracy", accuracy(model, test_loader))
+            tracker.add_saturations()
+        tail = find_tail(tracker)
+    save_receptive_fields(f"{savefile}/receptive_fields.json", model, (1, resolution, resolution))
+    probes = linear_probes(model, train_loader, test_loader, epochs=probe_epochs)
+    probes_to_frame(probes).to_csv(f"{savefile}/probes.csv")
+    path = report(savefile)
+    print(f"{resolution:>2} px: tail {tail or 'none'}; report {path}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--quick", action="store_true", help="1 epoch on 256 digits, for smoke tests")
+    args = parser.parse_args()
+    for resolution in args.resolutions:
+        if args.quick:
+            run(resolution, epochs=1, limit=256, probe_epochs=2)
+        else:
+            run(resolution, epochs=args.epochs, limit=0, probe_epochs=20)
+
+
+if __name__ == "__main__":
+    main()
