@@ -47,8 +47,10 @@ class SaturationCallback(pl.Callback):
     every ``n`` optimizer steps and one at the end of every validation. The
     scalar statistics also go to the trainer's loggers through
     ``pl_module.log_dict`` (and so into ``trainer.callback_metrics``, where
-    ``EarlyStopping`` or ``ModelCheckpoint`` can monitor them). The tracker's
-    hooks are removed when ``fit`` ends or fails.
+    ``EarlyStopping`` or ``ModelCheckpoint`` can monitor them); rows written
+    every ``n`` steps are logged with ``on_step=True`` and so reach the loggers
+    at the pace of ``Trainer(log_every_n_steps=...)``. The tracker's hooks are
+    removed when ``fit`` ends or fails.
 
     Parameters
     ----------
