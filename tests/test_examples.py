@@ -4,6 +4,10 @@ Examples are discovered by glob, so a new script is covered without touching
 this file: it must exit 0 and write at least one file under ``runs/``. The
 examples listed in ``EXPECTED`` are also checked for their specific outputs.
 A script that imports an optional package which is not installed is skipped.
+
+Each script runs in a subprocess (``cwd`` a fresh temporary folder, ``PYTHONPATH``
+the repository). The selected scripts are started together, as many at a time
+as there are CPU cores, because most of their time is spent importing torch.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import pandas as pd
 import pytest
@@ -133,25 +138,47 @@ def test_examples_are_discovered() -> None:
     assert {"quickstart", "regression", "lstm", "transformer"} <= names, names
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
-def test_example_runs_quick(script: Path, tmp_path: Path) -> None:
-    missing = _missing_optional(script)
-    if missing:
-        pytest.skip(f"{script.name} needs {', '.join(missing)} (pip install {' '.join(missing)})")
+def _run_quick(script: Path, folder: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="Agg")
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script), "--quick"],
-        cwd=tmp_path,
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
     )
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, tuple]]:
+    """Start every selected, runnable example at once; name -> (future of its process, its folder)."""
+    selected = [
+        item.callspec.params["script"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_example_runs_quick" and hasattr(item, "callspec")
+    ]
+    runs: Dict[str, tuple] = {}
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for script in selected:
+            if not _missing_optional(script):
+                folder = tmp_path_factory.mktemp(script.stem)
+                runs[script.stem] = (pool.submit(_run_quick, script, folder), folder)
+        yield runs
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_example_runs_quick(script: Path, quick_runs: Dict[str, tuple]) -> None:
+    missing = _missing_optional(script)
+    if missing:
+        pytest.skip(f"{script.name} needs {', '.join(missing)} (pip install {' '.join(missing)})")
+    future, folder = quick_runs[script.stem]
+    completed = future.result()
     assert completed.returncode == 0, (
         f"{script.name} --quick exited {completed.returncode}\n"
         f"stdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-3000:]}"
     )
-    runs = tmp_path / "runs"
+    runs = folder / "runs"
     written = [path for path in runs.rglob("*") if path.is_file()] if runs.is_dir() else []
     assert written, f"{script.name} wrote nothing under runs/"
     check = EXPECTED.get(script.stem)
