@@ -57,6 +57,22 @@ def test_core_import_does_not_load_frameworks():
     assert out.stdout.strip() == "[]"
 
 
+def test_driver_uses_the_given_modules_and_numbers_rows_from_initial_epoch(tmp_path):
+    from delve.integrations import TrackerDriver
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    driver = TrackerDriver(str(tmp_path / "drv"), None, "", {"modules": model[2], "initial_epoch": 3})
+    with pytest.warns(UserWarning, match="cannot resume"):  # no CSV of rows 0-2 to continue
+        tracker = driver.start(model)
+    assert list(tracker.layers) == ["Module-0-Linear"] and tracker.epoch == 3
+    out = model(torch.randn(32, 6)).detach().numpy()
+    _, idim = reference_stats([out])
+    assert driver.write_row() == {"train-saturation_Module-0-Linear": idim / 3}
+    assert driver.rows_written == 4
+    driver.close()
+    assert driver.tracker is None and read_csv(tmp_path / "drv").index.tolist() == [3]
+
+
 # --------------------------------------------------------------------- Lightning
 def lightning():
     """``lightning.pytorch``, else ``pytorch_lightning`` (as the callback does), else skip the test."""
