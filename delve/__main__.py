@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tail_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["train", "eval"], help="which saturation to judge (default: train)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="tail layers sit at most RATIO x the median before")
-    parser.add_argument("--min-gap", type=float, default=0.1, help="and at least MIN_GAP below it")
+    parser.add_argument("--ratio", type=float, default=0.7,
+                        help="tail layers sit at most RATIO x the median of the layers before them (default 0.7)")
+    parser.add_argument("--min-gap", type=float, default=0.2, help="and at least MIN_GAP below it (default 0.2)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

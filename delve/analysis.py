@@ -149,8 +149,8 @@ def _default_mode(run: pd.DataFrame) -> str:
 def find_tail(
     run: Run,
     mode: Optional[str] = None,
-    ratio: float = 0.5,
-    min_gap: float = 0.1,
+    ratio: float = 0.7,
+    min_gap: float = 0.2,
     skip_output: bool = True,
 ) -> List[str]:
     """The layers that form the low-saturation tail at the last epoch.
@@ -192,7 +192,7 @@ def find_tail(
 
     Examples
     --------
-    >>> sats = {"conv1": .45, "conv2": .5, "conv3": .55, "conv4": .08, "conv5": .05, "fc": .6}
+    >>> sats = {"conv1": .45, "conv2": .7, "conv3": .75, "conv4": .28, "conv5": .15, "fc": .6}
     >>> find_tail(pd.DataFrame({f"train-saturation_{k}": [v] for k, v in sats.items()}))
     ['conv4', 'conv5']
     >>> find_tail(pd.DataFrame({f"train-saturation_{k}": [.5] for k in sats}))

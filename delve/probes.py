@@ -295,7 +295,9 @@ def _moments(model: nn.Module, loader: Iterable, capture: _Capture, device: torc
     return moments, largest.item()
 
 
-def _accuracy(model: nn.Module, loader: Iterable, capture: _Capture, device: torch.device, probes: dict) -> Dict[str, float]:
+def _accuracy(
+    model: nn.Module, loader: Iterable, capture: _Capture, device: torch.device, probes: Dict[str, _Probe]
+) -> Dict[str, float]:
     correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in probes}
     seen = {name: 0 for name in probes}
     with torch.no_grad():

@@ -152,7 +152,9 @@ class _Tracer(TorchFunctionMode):
         r = tuple(rr + (ke - 1) * jj for rr, ke, jj in zip(source.r, effective, source.j))
         return _Field(r, tuple(jj * ss for jj, ss in zip(source.j, s)))
 
-    def _propagate(self, name: str, args: Sequence[Any], kwargs: Dict[str, Any], inputs: List[_Field], result: Any) -> _Field:
+    def _propagate(
+        self, name: str, args: Sequence[Any], kwargs: Dict[str, Any], inputs: List[_Field], result: Any
+    ) -> _Field:
         source = self.field_of(args[0]) if args else None
         base = name.rstrip("_")
         if source is None or source.is_global:
@@ -173,11 +175,11 @@ class _Tracer(TorchFunctionMode):
             return _Field(r, tuple(jj / ss for jj, ss in zip(source.j, s)))
         if base.startswith(("max_pool", "avg_pool")) and base[-2:] in ("1d", "2d", "3d"):
             dilation = _argument(args, kwargs, 4, "dilation", 1) if base.startswith("max") else 1
-            return self._window(
-                source, _argument(args, kwargs, 1, "kernel_size", 1), _argument(args, kwargs, 2, "stride", None), dilation
-            )
+            kernel, stride = _argument(args, kwargs, 1, "kernel_size", 1), _argument(args, kwargs, 2, "stride", None)
+            return self._window(source, kernel, stride, dilation)
         if base.startswith("lp_pool"):
-            return self._window(source, _argument(args, kwargs, 2, "kernel_size", 1), _argument(args, kwargs, 3, "stride", None))
+            kernel, stride = _argument(args, kwargs, 2, "kernel_size", 1), _argument(args, kwargs, 3, "stride", None)
+            return self._window(source, kernel, stride)
         if base.startswith(("adaptive_avg_pool", "adaptive_max_pool")):
             return self._global()
         if base == "interpolate":
@@ -229,6 +231,17 @@ def _normalize_input_size(model: nn.Module, input_size: InputSize) -> Tuple[int,
     if len(sizes) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
         raise ValueError(f"input_size must be an int or (channels, *spatial) of positive ints, got {input_size!r}")
     return sizes[0], sizes[1:]
+
+
+def spatial_input_size(model: nn.Module, input_size: InputSize) -> Tuple[int, ...]:
+    """The spatial extents of ``input_size`` (validated as in :func:`trace_receptive_fields`).
+
+    Examples
+    --------
+    >>> spatial_input_size(nn.Conv2d(3, 8, 3), 32)
+    (32, 32)
+    """
+    return _normalize_input_size(unwrap(model), input_size)[1]
 
 
 def trace_receptive_fields(model: nn.Module, input_size: InputSize) -> "OrderedDict[str, LayerReceptiveField]":
@@ -404,7 +417,7 @@ def save_receptive_fields(path: str, model: nn.Module, input_size: InputSize) ->
         a list of ``{name, receptive_field, input_receptive_field, jump,
         unproductive}`` with ``null`` for a global receptive field.
     """
-    _, spatial = _normalize_input_size(unwrap(model), input_size)
+    spatial = spatial_input_size(model, input_size)
     traced = trace_receptive_fields(model, input_size)
     document = {
         "input_size": list(spatial),

@@ -22,7 +22,7 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,8 @@ class _Context:
     fields: Dict[str, Any] = field(default_factory=dict)
     unproductive: List[str] = field(default_factory=list)
     probes: Optional[pd.DataFrame] = None
+    ratio: float = 0.7
+    min_gap: float = 0.2
 
     @property
     def border(self) -> Optional[int]:
@@ -118,7 +120,8 @@ def _mark_layer_labels(labels: Sequence[Any], ctx: _Context) -> None:
 
 
 def _heatmap(ctx: _Context) -> str:
-    figure = _figure(min(4.8 + 1.1 * len(ctx.frame), 11.5) if len(ctx.modes) == 1 else 11.5, 1.6 + 0.26 * len(ctx.layers))
+    width = min(4.8 + 1.1 * len(ctx.frame), 11.5) if len(ctx.modes) == 1 else 11.5
+    figure = _figure(width, 1.6 + 0.26 * len(ctx.layers))
     axes = figure.subplots(1, len(ctx.modes), sharey=True, squeeze=False)[0]
     image = None
     for ax, mode in zip(axes, ctx.modes):
@@ -151,9 +154,9 @@ def _profile(ctx: _Context) -> str:
     ax = figure.subplots()
     positions = np.arange(len(ctx.layers))
     colors = [_TAIL_COLOR if name in ctx.tail else _BAR_COLOR for name in ctx.layers]
-    ax.bar(positions, values.to_numpy(dtype=float), color=colors, width=0.75)
+    ax.bar(positions, values.to_numpy(dtype=float), color=colors, width=0.75, zorder=2)
     for start, stop in _runs([ctx.layers.index(n) for n in ctx.unproductive if n in ctx.layers]):
-        ax.axvspan(start - 0.5, stop + 0.5, color=_BORDER_COLOR, alpha=0.12, linewidth=0)
+        ax.axvspan(start - 0.5, stop + 0.5, color=_BORDER_COLOR, alpha=0.12, linewidth=0, zorder=0)
     if ctx.border is not None:
         ax.axvline(ctx.border - 0.5, color=_BORDER_COLOR, linestyle="--", linewidth=2)
         ax.text(ctx.border - 0.4, 1.03, f"receptive field ≥ input ({_size_text(ctx.input_size)}) →",
@@ -164,7 +167,7 @@ def _profile(ctx: _Context) -> str:
     _mark_layer_labels(ax.get_xticklabels(), ctx)
     ax.grid(axis="y", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    handles = [_patch(_BAR_COLOR, "saturation"), _patch(_TAIL_COLOR, "tail")] if ctx.tail else [_patch(_BAR_COLOR, "saturation")]
+    handles = [_patch(_BAR_COLOR, "saturation")] + ([_patch(_TAIL_COLOR, "tail")] if ctx.tail else [])
     if ctx.probes is not None:
         probes = ctx.probes.reindex(ctx.layers)
         for column, style in (("test_accuracy", "-"), ("train_accuracy", ":")):
@@ -177,6 +180,12 @@ def _profile(ctx: _Context) -> str:
     ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
               ncols=len(handles))
     return _png(figure)
+
+
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _patch(color: str, label: str, alpha: float = 1.0) -> Any:
@@ -221,6 +230,7 @@ def _eval_vs_train(ctx: _Context) -> str:
     left.set_ylabel("saturation, last epoch")
     right.set_ylim(0, 1.05)
     right.set_xlabel("epoch")
+    right.xaxis.set_major_locator(_integer_locator())
     right.set_ylabel("mean saturation over layers")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -244,6 +254,7 @@ def _other_values(frame: pd.DataFrame) -> Optional[str]:
         ax.plot(series.index, series.to_numpy(), marker="o", markersize=3, color="#8172b2")
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(_integer_locator())
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
@@ -276,9 +287,10 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
     items: List[Tuple[str, str]] = []
     values = last_epoch(ctx.frame, ctx.mode)
     both = [n for n in ctx.tail if n in ctx.unproductive]
-    if ctx.tail:
-        rest = values.drop(ctx.tail, errors="ignore").dropna()
-        head = f"{float(rest.median()):.2f}" if len(rest) else "?"
+    fitting = [n for n in ctx.tail if ctx.fields and n not in ctx.unproductive]
+    rest = values.drop(ctx.tail, errors="ignore").dropna()
+    head = f"{float(rest.median()):.2f}" if len(rest) else "?"
+    if ctx.tail and not fitting:
         low = f"{float(values.reindex(ctx.tail).max()):.2f}"
         reason = (
             f"their receptive fields already cover the {_size_text(ctx.input_size)} input"
@@ -290,11 +302,25 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
             "Increase the input resolution or remove them; slowing the receptive field's growth "
             "(fewer early downsampling layers) also makes them useful again."
         )))
+    elif ctx.tail:
+        if both:
+            items.append(("warn", (
+                f"Layers {_span(both)} add nothing at this input size: they sit in the saturation tail and their "
+                f"receptive fields already cover the {_size_text(ctx.input_size)} input. Increase the input "
+                "resolution or remove them."
+            )))
+        low = f"{float(values.reindex(fitting).max()):.2f}"
+        items.append(("info", (
+            f"Layers {_span(fitting)} sit far below the rest (at most {low} against a median of {head}) although "
+            "their receptive fields still fit the input, so resolution is not the cause: they use a small share "
+            "of their width (common for the last layer before global pooling). They could be narrower; check "
+            "the probe accuracies before removing them."
+        )))
     extra = [n for n in ctx.unproductive if n not in ctx.tail]
     if extra:
         items.append(("info", (
             f"Layers {_span(extra)} see more than the whole {_size_text(ctx.input_size)} input already before "
-            "they start (receptive field of their input ≥ input size), yet show no saturation tail (yet); "
+            "they start (receptive field of their input ≥ input size), but their saturation shows no tail; "
             "they are candidates for removal if a longer run shows them dropping."
         )))
     spatial = [f for f in ctx.fields.values() if not math.isinf(max(f.input_receptive_field))]
@@ -369,15 +395,20 @@ def _layer_table(ctx: _Context) -> str:
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1f2933}
 main{max-width:1120px;margin:0 auto;padding:28px 32px 48px}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:18px;margin:34px 0 10px;border-bottom:1px solid #d9dde3;padding-bottom:6px}
+h1{font-size:26px;margin:0 0 4px}
+h2{font-size:18px;margin:34px 0 10px;border-bottom:1px solid #d9dde3;padding-bottom:6px}
 .meta{color:#616e7c;font-size:14px;margin-bottom:18px}.meta span{margin-right:18px}
 .card{background:#fff;border-radius:10px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:16px 20px;margin:12px 0}
-.rec{border-left:5px solid #9aa5b1;padding:10px 14px;margin:8px 0;background:#fff;border-radius:6px;font-size:15px;line-height:1.45}
-.rec.warn{border-color:#d62728;background:#fff5f5}.rec.ok{border-color:#2f9e44;background:#f3fbf4}.rec.info{border-color:#4c72b0}
+.rec{border-left:5px solid #9aa5b1;padding:10px 14px;margin:8px 0;background:#fff;border-radius:6px;font-size:15px;
+line-height:1.45}
+.rec.warn{border-color:#d62728;background:#fff5f5}
+.rec.ok{border-color:#2f9e44;background:#f3fbf4}.rec.info{border-color:#4c72b0}
 img{max-width:100%;display:block;margin:0 auto}
 figcaption{color:#616e7c;font-size:13px;margin-top:6px;text-align:center}
-table{border-collapse:collapse;width:100%;font-size:13px}th,td{padding:5px 10px;border-bottom:1px solid #eceff3;text-align:left}
-th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}tr.flag{background:#fffaf3}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{padding:5px 10px;border-bottom:1px solid #eceff3;text-align:left}
+th{background:#f0f2f5;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.flag{background:#fffaf3}
 .tag{display:inline-block;border-radius:10px;padding:1px 8px;font-size:11px;color:#fff;margin-right:4px}
 .tag.tail{background:#d62728}.tag.rf{background:#ff7f0e}
 code{font-family:SFMono-Regular,Consolas,monospace;font-size:90%;background:#eef1f4;padding:1px 4px;border-radius:4px}
@@ -394,7 +425,8 @@ def render_html(ctx: _Context) -> str:
     """The report page for a prepared context."""
     recs = "".join(f"<div class='rec {level}'>{text}</div>" for level, text in recommendations(ctx))
     epochs = len(ctx.frame.index)
-    meta = [f"{epochs} epoch{'s' if epochs != 1 else ''}", f"{len(ctx.layers)} layers", "modes: " + ", ".join(ctx.modes)]
+    meta = [f"{epochs} epoch{'s' if epochs != 1 else ''}", f"{len(ctx.layers)} layers"]
+    meta.append("modes: " + ", ".join(ctx.modes))
     if ctx.input_size:
         meta.append(f"input {_size_text(ctx.input_size)}")
     parts = [
@@ -415,8 +447,9 @@ def render_html(ctx: _Context) -> str:
     parts += [
         "<h2>Layers</h2>", f"<div class='card'>{_layer_table(ctx)}</div>",
         "<p class='small'>Saturation is the share of a layer's feature dimensions needed to explain 99% of the "
-        "variance of its outputs. The <b>tail</b> is the longest run of final layers whose saturation is at most half "
-        "the median of the layers before them and at least 0.1 below it (<code>delve.analysis.find_tail</code>). A "
+        "variance of its outputs. The <b>tail</b> is the longest run of final layers whose saturation is at most "
+        f"{ctx.ratio:g} × the median of the layers before them and at least {ctx.min_gap:g} below it (the output "
+        "layer may stand outside it; <code>delve.analysis.find_tail</code>). A "
         "layer is <b>unproductive</b> when the receptive field of its input is at least the input size and its own "
         "exceeds it (Richter et al., <i>Should You Go Deeper?</i>, 2021).</p>",
     ]
@@ -433,8 +466,8 @@ def report(
     probes: Any = None,
     output: Optional[str] = None,
     mode: Optional[str] = None,
-    ratio: float = 0.5,
-    min_gap: float = 0.1,
+    ratio: float = 0.7,
+    min_gap: float = 0.2,
 ) -> str:
     """Write the HTML report of a run and return its path.
 
@@ -489,7 +522,7 @@ def report(
         name=os.path.basename(savefile) or savefile, frame=frame, modes=modes, mode=mode, layers=layers,
         tail=find_tail(frame, mode=mode, ratio=ratio, min_gap=min_gap), input_size=size, fields=fields,
         unproductive=[n for n, f in fields.items() if f.unproductive and n in layers],
-        probes=_probe_frame(savefile, probes),
+        probes=_probe_frame(savefile, probes), ratio=ratio, min_gap=min_gap,
     )
     output = output or os.path.join(savefile, "report.html")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

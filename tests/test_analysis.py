@@ -41,12 +41,15 @@ def test_output_layer_may_stand_outside_the_tail() -> None:
 
 
 def test_thresholds_of_the_rule() -> None:
-    # median of the earlier layers 0.4: 0.2 is exactly half and 0.2 below, 0.21 is not.
-    assert find_tail(run_frame([[0.4, 0.4, 0.4, 0.2]])) == ["layer3"]
-    assert find_tail(run_frame([[0.4, 0.4, 0.4, 0.21]])) == []
-    assert find_tail(run_frame([[0.4, 0.4, 0.4, 0.21]]), ratio=0.6) == ["layer3"]
-    assert find_tail(run_frame([[0.1, 0.1, 0.1, 0.04]])) == []  # half, but only 0.06 below
-    assert find_tail(run_frame([[0.1, 0.1, 0.1, 0.04]]), min_gap=0.05) == ["layer3"]
+    # Defaults ratio=0.7, min_gap=0.2. Median of the earlier layers 0.8: the limit is 0.56.
+    assert find_tail(run_frame([[0.8, 0.8, 0.8, 0.55]])) == ["layer3"]
+    assert find_tail(run_frame([[0.8, 0.8, 0.8, 0.58]])) == []
+    assert find_tail(run_frame([[0.8, 0.8, 0.8, 0.58]]), ratio=0.75) == ["layer3"]
+    # Median 0.4: 0.25 is below 0.7 * 0.4 = 0.28 but only 0.15 below the median.
+    assert find_tail(run_frame([[0.4, 0.4, 0.4, 0.25]])) == []
+    assert find_tail(run_frame([[0.4, 0.4, 0.4, 0.25]]), min_gap=0.1) == ["layer3"]
+    # The longest block wins: 0.5 and 0.3 are both below 0.63 and at least 0.2 below 0.9.
+    assert find_tail(run_frame([[0.9, 0.9, 0.5, 0.3]])) == ["layer2", "layer3"]
 
 
 def test_missing_values_and_modes() -> None:
