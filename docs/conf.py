@@ -163,7 +163,8 @@ def api_rst() -> str:
 
 # -- Examples page, generated from the scripts in examples/ ---------------------
 #: Examples shown first, in this order; the others follow alphabetically.
-EXAMPLES_ORDER = ["quickstart", "regression", "cnn", "lstm", "transformer", "distributed"]
+EXAMPLES_ORDER = ["quickstart", "regression", "tail_resolution", "lstm", "transformer", "distributed",
+                  "custom_writer", "lightning_callback", "huggingface_callback", "keras_saturation"]
 EXAMPLES_PLACEHOLDER = ".. delve-examples::"
 
 
