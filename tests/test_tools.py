@@ -1,4 +1,4 @@
-"""reconstruct_csv_from_npy_data: the CSV rebuilt from npy files, and statistics re-thresholded from covariances."""
+"""reconstruct_csv_from_npy_data: the CSV rebuilt from npy files, statistics re-thresholded from covariances."""
 from __future__ import annotations
 
 import numpy as np
@@ -76,7 +76,8 @@ def test_rethreshold_matches_numpy_and_a_live_tracker(tmp_path):
         for name, value in results.items():
             assert table.loc[epoch, name] == pytest.approx(value, rel=1e-9), (epoch, name)
     for layer in ("0", "2", "4"):
-        cov = np.load(tmp_path / "run" / f"train-covariance-matrix_{layer}" / f"train-covariance-matrix_{layer}_epoch1.npy")
+        name = f"train-covariance-matrix_{layer}"
+        cov = np.load(tmp_path / "run" / name / f"{name}_epoch1.npy")
         assert table.loc[1, f"train-intrinsic-dimensionality_{layer}"] == reference_idim(cov, 0.9)
         assert table.loc[1, f"train-covariance-trace_{layer}"] == pytest.approx(np.trace(cov))
     assert np.isnan(table.loc[1, "eval-saturation_0"]) and not np.isnan(table.loc[0, "eval-saturation_0"])

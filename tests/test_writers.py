@@ -1,6 +1,7 @@
 """Writers: every output is read back from disk and compared with what the tracker computed."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -295,6 +296,8 @@ def test_tensorboard_resume_continues_at_initial_epoch(tmp_path):
     expected = [values["train-saturation_0"] for values in first[:2] + second]
     assert [value for _, value in series] == pytest.approx(expected, rel=1e-6)
     assert [step for step, _ in scalars["accuracy"]] == [0, 1, 2, 3, 4]
+    if importlib.util.find_spec("tensorboard") is not None:  # the fallback reader agrees with TensorBoard's
+        assert read_event_scalars(str(tmp_path / "run"), prefer_tensorboard=False) == scalars
 
 
 # ------------------------------------------------------------------- console

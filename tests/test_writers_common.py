@@ -47,7 +47,7 @@ def _records(path: str):
         offset = start + length + 4
 
 
-def read_event_scalars(folder: str) -> Dict[str, List[Tuple[int, float]]]:
+def read_event_scalars(folder: str, prefer_tensorboard: bool = True) -> Dict[str, List[Tuple[int, float]]]:
     """Tag -> [(step, value)] as TensorBoard shows them (later runs purge steps >= their purge step).
 
     Uses TensorBoard's own EventAccumulator when tensorboard is installed, else
@@ -56,6 +56,8 @@ def read_event_scalars(folder: str) -> Dict[str, List[Tuple[int, float]]]:
     try:
         from tensorboard.backend.event_processing import event_accumulator
     except ImportError:
+        event_accumulator = None
+    if not prefer_tensorboard:
         event_accumulator = None
     if event_accumulator is not None:
         accumulator = event_accumulator.EventAccumulator(folder, size_guidance={event_accumulator.SCALARS: 0})

@@ -194,3 +194,15 @@ def test_plot_scatter_from_results(tmp_path):
     assert ax.get_title() == "0"
     assert imread(tmp_path / "run_embed_train_epoch_1.png").shape[1] > 300
     assert plot_scatter_from_results(str(tmp_path / "run.csv"), -1, "embed", pd.DataFrame()) is None
+
+
+def test_sample_values_of_0150_add_scalars(tmp_path):
+    from delve.writers import CSVandPlottingWriter
+
+    writer = CSVandPlottingWriter(str(tmp_path / "run"))
+    points = np.random.default_rng(1).normal(size=(25, 2))
+    writer.add_scalars("", {"train-saturation_a": 0.5}, {"train-embedded-sample_a": points})
+    writer.save()
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "run_embed_train_epoch_0.png", "run_lsat_train_epoch_0.png", "run_lsat_train_evolution.png"]
+    assert list(pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0).columns) == ["train-saturation_a"]

@@ -5,11 +5,15 @@ import os
 import tempfile
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file.
 
-    The bytes go to a temporary file in the same folder, are flushed to disk,
-    and the temporary file is renamed over ``path`` (an atomic ``os.replace``).
+    The bytes go to a temporary file in the same folder and the temporary file
+    is renamed over ``path`` (an atomic ``os.replace``), which is enough when
+    the process dies. With ``durable`` the bytes are also forced to disk
+    (``fsync``) before the rename, so a power loss cannot leave an empty file
+    either; the writers skip it for the many small files they can afford to lose
+    on a power cut (npy values, PNGs).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -18,7 +22,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
-            os.fsync(tmp.fileno())
+            if durable:
+                os.fsync(tmp.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

@@ -119,7 +119,7 @@ class NPYWriter(AbstractWriter):
         epoch = self.epoch if global_step is None else int(global_step)
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        atomic_write_bytes(self._file(name, epoch), buffer.getvalue())
+        atomic_write_bytes(self._file(name, epoch), buffer.getvalue(), durable=False)
         if name not in self.names:
             self.names.append(name)
 

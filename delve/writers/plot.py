@@ -92,6 +92,23 @@ class CSVandPlottingWriter(CSVWriter):
             return
         super().add_scalar(name, value, **kwargs)
 
+    def add_sample_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Keep an ``(n, 2)`` array of embedded samples for this epoch's scatter plot (0.1.50 API)."""
+        self.samples[name] = np.asarray(value)
+
+    def add_scalars(
+        self,
+        prefix: str,
+        value_dict: Mapping[str, Any],
+        sample_value_dict: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        """Keep every value of ``value_dict`` (and, as in 0.1.50, of ``sample_value_dict``)."""
+        for name, value in value_dict.items():
+            self.add_scalar(prefix + name, value, **kwargs)
+        for name, value in (sample_value_dict or {}).items():
+            self.add_sample_scalar(prefix + name, value)
+
     def _path(self, stat: str, mode: str, suffix: str) -> str:
         return os.path.join(self.folder, f"{self.run_name}_{stat}_{mode}_{suffix}.png")
 
@@ -112,8 +129,8 @@ class CSVandPlottingWriter(CSVWriter):
                 self._plot_evolution(stat, mode)
         for mode, per_layer in _embeddings_by_mode(samples).items():
             figure = plotting.new_figure(6.4, 4.8)
-            plotting.draw_embedding(figure, per_layer, f"{self.run_name}: embedded samples ({mode}), epoch {epoch}",
-                                    color=plotting.MODE_COLORS[mode])
+            title = f"{self.run_name}: embedded samples ({mode}), epoch {epoch}"
+            plotting.draw_embedding(figure, per_layer, title, color=plotting.MODE_COLORS[mode])
             plotting.save_figure(figure, self._path("embed", mode, f"epoch_{epoch}"))
 
     def _plot_profile(self, stat: str, mode: str, epoch: int, layers: list, values: np.ndarray,
@@ -128,9 +145,7 @@ class CSVandPlottingWriter(CSVWriter):
                               color_line=plotting.MODE_COLORS[mode], mean_line=stat == "lsat" and len(layers) > 1)
         metric = row.get(self.primary_metric) if self.primary_metric else None
         if metric is not None:
-            text = f"{self.primary_metric}: {metric:.4g}" if isinstance(metric, float) else f"{self.primary_metric}: {metric}"
-            ax.text(0.01, 0.97, text, transform=ax.transAxes, va="top", fontsize=self.fontsize * 0.8,
-                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+            plotting.draw_metric(ax, self.primary_metric, metric, (0.01, 0.97), self.fontsize * 0.8)
         if self.plot_man_func is not None:
             ax = self.plot_man_func(ax) or ax
         plotting.save_figure(ax.figure, self._path(stat, mode, f"epoch_{epoch}"))

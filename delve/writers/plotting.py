@@ -45,10 +45,14 @@ def new_figure(width: float, height: float) -> Any:
 
 
 def save_figure(figure: Any, path: str) -> None:
-    """Write ``figure`` as a PNG to ``path`` atomically (outside pyplot, the figure is freed with its last reference)."""
+    """Write ``figure`` as a PNG to ``path`` atomically.
+
+    Figures made by :func:`new_figure` live outside pyplot: nothing needs closing,
+    the figure is freed with its last reference.
+    """
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=False)
 
 
 def stat_label(stat: str) -> str:
@@ -194,7 +198,9 @@ def wrap_name(name: str, width: int) -> str:
     return "\n".join(lines + [current]) if current else "\n".join(lines)
 
 
-def draw_embedding(figure: Any, samples: Mapping[str, np.ndarray], title: str, color: Optional[str] = None) -> List[Any]:
+def draw_embedding(
+    figure: Any, samples: Mapping[str, np.ndarray], title: str, color: Optional[str] = None
+) -> List[Any]:
     """Scatter each layer's samples on its top two principal directions, one panel per layer."""
     count = len(samples)
     columns = min(4, count)
@@ -220,6 +226,13 @@ def draw_embedding(figure: Any, samples: Mapping[str, np.ndarray], title: str, c
 
 
 # ---------------------------------------------------------------- 0.1.50 API
+def draw_metric(ax: Any, name: str, value: Any, loc: Tuple[float, float], fontsize: float) -> None:
+    """Write ``name: value`` in a box at ``loc`` (axes coordinates)."""
+    text = f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}"
+    ax.text(*loc, text, transform=ax.transAxes, va="top", fontsize=fontsize,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+
+
 def _stat_columns(df: pd.DataFrame, stat: str, state_mode: str) -> List[str]:
     stat_name = STATMAP.get(stat, stat)
     columns = []
@@ -355,7 +368,8 @@ def plot_stat(
     if samples:
         cells = {str(column).partition("_")[2] or str(column): df[column].values[-1] for column in df.columns}
         figure = new_figure(6.4, 4.8)
-        axes = draw_embedding(figure, cells, f"embedded samples ({stat_mode}), epoch {epoch}", color=color_scatter or color)
+        title = f"embedded samples ({stat_mode}), epoch {epoch}"
+        axes = draw_embedding(figure, cells, title, color=color_scatter or color)
         if save and axes:
             save_figure(figure, _png_path(savepath, stat, stat_mode, epoch))
         return axes[0] if axes else figure.add_subplot(1, 1, 1)
@@ -372,9 +386,7 @@ def plot_stat(
         show_col_label_x=show_col_label_x, show_col_label_y=show_col_label_y, show_grid=show_grid,
     )
     if primary_metric is not None:
-        ax.text(*primary_metric_loc, f"{primary_metric}: {pm:.4g}" if isinstance(pm, float) else f"{primary_metric}: {pm}",
-                transform=ax.transAxes, fontsize=fontsize * 0.8,
-                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+        draw_metric(ax, primary_metric, pm, primary_metric_loc, fontsize * 0.8)
     if save:
         save_figure(figure, _png_path(savepath, stat, stat_mode, epoch))
     return ax
