@@ -8,7 +8,8 @@ the channels):
 
 * :class:`SaturationLogger` prints ``dense  : %0.83 | dense_1  : %0.79 |``
   every ``print_freq`` epochs, from a fixed ``input_data`` run through the model.
-* :class:`SaturationTrackerCallback` runs a full :class:`~delve.SaturationTracker`
+* :class:`SaturationCallback` (the Keras counterpart of the ``SaturationCallback``
+  of :mod:`delve.integrations.lightning`) runs a full :class:`~delve.SaturationTracker`
   over the training (and validation) batches themselves and writes through any
   delve writer, with the CSV columns of the PyTorch side
   (``train-saturation_<layer>``, ``eval-saturation_<layer>``).
@@ -20,7 +21,7 @@ Backends
 :class:`SaturationLogger` uses only backend-neutral Keras API (a
 feature-extraction model whose ``predict_on_batch`` returns numpy arrays, fed
 to delve's torch accumulator), so it also runs on the jax and tensorflow
-backends; delve's tests exercise it on torch. :class:`SaturationTrackerCallback`
+backends; delve's tests exercise it on torch. :class:`SaturationCallback`
 and :class:`CustomTensorBoard` need ``KERAS_BACKEND=torch``: there Keras layers
 are :class:`torch.nn.Module` instances, so delve's forward hooks see every
 batch; on another backend they raise a RuntimeError saying so.
@@ -262,7 +263,7 @@ class _FixedInputSaturation:
                 raise ValueError(
                     "SaturationLogger needs a built Sequential or functional model whose layers have "
                     "symbolic outputs (give the model a keras.Input, or call it once first); for a "
-                    f"subclassed model use SaturationTrackerCallback on the torch backend ({error})"
+                    f"subclassed model use SaturationCallback on the torch backend ({error})"
                 ) from None
             self._extractor = keras.Model(inputs, outputs)
             self._source = model
@@ -414,7 +415,7 @@ def _validated_tracker_args(tracker_args: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(tracker_args)
 
 
-class SaturationTrackerCallback(keras.callbacks.Callback):
+class SaturationCallback(keras.callbacks.Callback):
     """Run delve's :class:`~delve.SaturationTracker` over the batches Keras trains on.
 
     On the torch backend Keras layers are :class:`torch.nn.Module` instances, so
@@ -456,7 +457,7 @@ class SaturationTrackerCallback(keras.callbacks.Callback):
     --------
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden")])
     >>> model.compile(optimizer="sgd", loss="mse")
-    >>> callback = SaturationTrackerCallback("runs/doc_keras", save_to="csv", nosave=True)
+    >>> callback = SaturationCallback("runs/doc_keras", save_to="csv", nosave=True)
     >>> _ = model.fit(np.eye(4), np.zeros((4, 3)), epochs=1, verbose=0, callbacks=[callback])
     >>> sorted(callback.history[0])
     ['loss', 'train-saturation_hidden']
@@ -587,7 +588,7 @@ def _tensorflow_available() -> bool:
 
 def _forwarding(hook: str) -> Any:
     """A CustomTensorBoard hook: delve's, then that of Keras' TensorBoard callback when kwargs made one."""
-    delve_hook = getattr(SaturationTrackerCallback, hook)
+    delve_hook = getattr(SaturationCallback, hook)
 
     def forward(self: "CustomTensorBoard", *args: Any, **kwargs: Any) -> None:
         delve_hook(self, *args, **kwargs)
@@ -599,7 +600,7 @@ def _forwarding(hook: str) -> Any:
     return forward
 
 
-class CustomTensorBoard(SaturationTrackerCallback):
+class CustomTensorBoard(SaturationCallback):
     """Write the saturation of every Dense and convolution layer as TensorBoard scalars.
 
     Every ``user_defined_freq`` epochs the layers' saturation over that epoch's
@@ -607,7 +608,7 @@ class CustomTensorBoard(SaturationTrackerCallback):
     (``eval-saturation_<layer>``) is written through delve's ``tensorboard``
     writer into ``log_dir``, with the epoch as step; Keras' epoch logs
     (``loss``, ``val_loss``, metrics) are written beside them. It is a
-    :class:`SaturationTrackerCallback` with ``save_to='tensorboard'``, so it
+    :class:`SaturationCallback` with ``save_to='tensorboard'``, so it
     needs ``KERAS_BACKEND=torch``.
 
     Parameters
@@ -695,7 +696,7 @@ class CustomTensorBoard(SaturationTrackerCallback):
 __all__ = [
     "CustomTensorBoard",
     "SaturationLogger",
-    "SaturationTrackerCallback",
+    "SaturationCallback",
     "format_saturations",
     "is_torch_backend",
     "keras_layers",

@@ -5,7 +5,7 @@ Three delve callbacks go into ``model.fit``:
 
 * ``SaturationLogger`` prints ``conv  : %0.41 | hidden  : %0.62 | output  : %0.80 |``
   after each epoch, for a fixed batch of test images;
-* ``SaturationTrackerCallback`` tracks every training and validation batch and
+* ``SaturationCallback`` tracks every training and validation batch and
   writes ``runs/keras_saturation.csv``, with the columns of a PyTorch run
   (``train-saturation_conv``, ``eval-saturation_hidden``...) plus Keras' loss
   and accuracy;
@@ -21,7 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from delve.kerascallback import CustomTensorBoard, SaturationLogger, SaturationTrackerCallback  # noqa: E402
+from delve.kerascallback import CustomTensorBoard, SaturationLogger, SaturationCallback  # noqa: E402
 
 
 def digits(limit: int = 0) -> tuple:
@@ -62,7 +62,7 @@ def main() -> None:
 
     callbacks = [
         SaturationLogger(model, input_data=x_test[:200], print_freq=1),
-        SaturationTrackerCallback("runs/keras_saturation", save_to="csv", stats=["lsat", "idim"]),
+        SaturationCallback("runs/keras_saturation", save_to="csv", stats=["lsat", "idim"]),
         CustomTensorBoard(log_dir="runs/keras_saturation_tb", user_defined_freq=1),
     ]
     model.fit(

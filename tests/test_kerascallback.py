@@ -226,7 +226,7 @@ def test_saturation_logger_explains_subclassed_models() -> None:
     x = np.ones((8, 3), "float32")
     model(x)
     logger = kc.SaturationLogger(model, x)
-    with pytest.raises(ValueError, match="SaturationTrackerCallback"):
+    with pytest.raises(ValueError, match="SaturationCallback"):
         logger.compute()
 
 
@@ -273,7 +273,7 @@ def test_tracker_callback_train_and_eval_rows_match_numpy(tmp_path: Path) -> Non
     x_val = low_rank_data(30, rank=4, dim=10, seed=7)
     model = compile_model(dense_model(), learning_rate=0.0)
     savefile = str(tmp_path / "keras_run")
-    callback = kc.SaturationTrackerCallback(savefile, save_to="csv", stats=["lsat", "trc"])
+    callback = kc.SaturationCallback(savefile, save_to="csv", stats=["lsat", "trc"])
     # A SaturationLogger in the same fit runs other data through the same layers: it must not be recorded.
     logger = kc.SaturationLogger(model, input_data=x[:7] * 3, verbose=False)
     model.fit(x, y, epochs=2, batch_size=32, validation_data=(x_val, y[:30]), verbose=0, callbacks=[callback, logger])
@@ -322,7 +322,7 @@ def test_tracker_callback_while_training_matches_hooked_outputs(tmp_path: Path) 
             self.active = False
 
     capture = CaptureTrainBatches()
-    callback = kc.SaturationTrackerCallback(str(tmp_path / "run"), save_to="csv", stats=["lsat", "idim", "trc"])
+    callback = kc.SaturationCallback(str(tmp_path / "run"), save_to="csv", stats=["lsat", "idim", "trc"])
     model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[capture, callback])
     for epoch in (0, 1):
         samples = np.concatenate(capture.outputs[epoch])
@@ -338,7 +338,7 @@ def test_tracker_callback_while_training_matches_hooked_outputs(tmp_path: Path) 
 def test_tracker_callback_conv_channelwise_matches_numpy(tmp_path: Path) -> None:
     x = np.random.default_rng(10).normal(size=(40, 8, 8, 2)).astype("float32")
     model = compile_model(conv_model(), learning_rate=0.0)
-    callback = kc.SaturationTrackerCallback(str(tmp_path / "conv"), save_to="csv", stats=["idim", "trc"])
+    callback = kc.SaturationCallback(str(tmp_path / "conv"), save_to="csv", stats=["idim", "trc"])
     model.fit(x, np.zeros((40, 3), "float32"), epochs=2, batch_size=16, verbose=0, callbacks=[callback])
     samples = conv2d_forward(model.get_layer("conv"), x).reshape(-1, 6)
     cov = population_cov(samples)
@@ -360,7 +360,7 @@ def test_tracker_callback_has_the_columns_of_the_torch_side(tmp_path: Path) -> N
         tr.add_saturations()
 
     model = compile_model(dense_model())
-    callback = kc.SaturationTrackerCallback(
+    callback = kc.SaturationCallback(
         str(tmp_path / "keras"), save_to="csv", stats=["lsat", "idim"], log_metrics=False
     )
     model.fit(x, np.zeros((32, 2), "float32"), validation_data=(x, np.zeros((32, 2), "float32")), epochs=1,
@@ -375,7 +375,7 @@ def test_tracker_callback_freq_hooks_and_second_fit(tmp_path: Path) -> None:
     y = np.zeros((32, 2), "float32")
     model = compile_model(dense_model())
     savefile = str(tmp_path / "run")
-    callback = kc.SaturationTrackerCallback(savefile, freq=2, log_metrics=False)
+    callback = kc.SaturationCallback(savefile, freq=2, log_metrics=False)
     model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
     assert sorted(callback.history) == [0, 2]
     assert callback.tracker is None  # closed at the end of fit
@@ -398,30 +398,30 @@ def test_tracker_callback_names_nested_layers() -> None:
     assert list(kc.keras_layers(model)) == ["block-inner_dense", "top"]
     assert list(kc.keras_layers(model, nested=False)) == ["top"]
     model = compile_model(model)
-    callback = kc.SaturationTrackerCallback("unused", nosave=True, log_metrics=False)
+    callback = kc.SaturationCallback("unused", nosave=True, log_metrics=False)
     model.fit(np.eye(4, dtype="float32"), np.zeros((4, 2), "float32"), epochs=1, verbose=0, callbacks=[callback])
     assert sorted(callback.history[0]) == ["train-saturation_block-inner_dense", "train-saturation_top"]
 
 
 def test_tracker_callback_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="freq"):
-        kc.SaturationTrackerCallback("run", freq=0)
+        kc.SaturationCallback("run", freq=0)
     with pytest.raises(ValueError, match="save_to='excel'.*'csv'"):
-        kc.SaturationTrackerCallback("run", save_to="excel")
+        kc.SaturationCallback("run", save_to="excel")
     with pytest.raises(ValueError, match="'stat' is not an option of SaturationTracker.*stats"):
-        kc.SaturationTrackerCallback("run", stat=["lsat"])
+        kc.SaturationCallback("run", stat=["lsat"])
     with pytest.raises(ValueError, match="'modules' is set by the callback"):
-        kc.SaturationTrackerCallback("run", modules=nn.Linear(2, 2))
+        kc.SaturationCallback("run", modules=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="sat_threshold"):
-        kc.SaturationTrackerCallback("run", sat_threshold=0)
+        kc.SaturationCallback("run", sat_threshold=0)
     with pytest.raises(ValueError, match="conv_method"):
-        kc.SaturationTrackerCallback("run", conv_method="pool")
+        kc.SaturationCallback("run", conv_method="pool")
 
 
 def test_tracker_callback_needs_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(RuntimeError, match="KERAS_BACKEND=torch.*'jax'.*SaturationLogger"):
-        kc.SaturationTrackerCallback("run")
+        kc.SaturationCallback("run")
 
 
 # ------------------------------------------------------------------ CustomTensorBoard
