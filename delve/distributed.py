@@ -30,8 +30,9 @@ ranks a :class:`NullWriter`). Every rank must therefore call
 ``add_saturations()`` / ``compute()`` the same number of times, and create the
 tracker after ``torch.distributed.init_process_group``.
 
-Collectives run on CPU for gloo and on the current CUDA device for nccl; the
-merged state is put back on the device of the local state.
+Collectives run on CPU for gloo and on this rank's GPU for nccl (the device of
+the local state, else the current CUDA device: call ``torch.cuda.set_device``
+as usual); the merged state is put back on the device of the local state.
 """
 from __future__ import annotations
 
@@ -154,11 +155,17 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _collective_device(group: Optional[Any]) -> torch.device:
-    """Device the tensors of a collective must live on for ``group``'s backend (the same on every rank)."""
+def _collective_device(group: Optional[Any], accumulators: List[TorchCovarianceMatrix]) -> torch.device:
+    """Device for the tensors of the collectives: of the kind ``group``'s backend needs, the same on every rank.
+
+    For nccl it is this rank's GPU: that of the local state, else the current CUDA device.
+    """
     dist = _dist()
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
+        for acc in accumulators:
+            if acc.mean is not None and acc.mean.device.type == "cuda":
+                return acc.mean.device
         return torch.device("cuda", torch.cuda.current_device())
     device_types = [torch.device(kind).type for kind in getattr(group or dist.group.WORLD, "_device_types", [])]
     if not device_types or "cpu" in device_types:
@@ -295,7 +302,7 @@ def sync_accumulators(
         return dict(accumulators)
     keys = list(accumulators)
     local = [accumulators[key] for key in keys]
-    device = _collective_device(group)
+    device = _collective_device(group, local)
     _check_same_keys(keys, device, group)
     dims = _agree_on_dims(local, keys, device, group)
 

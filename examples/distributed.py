@@ -85,8 +85,8 @@ def train(rank: int, world_size: int, device: torch.device, args: argparse.Names
             with torch.no_grad():
                 for features, labels in test_loader:
                     predicted = model(features.to(device)).argmax(dim=1)
-                    correct += torch.tensor([(predicted == labels.to(device)).sum().item(), len(labels)],
-                                            dtype=torch.float64, device=device)
+                    correct[0] += (predicted == labels.to(device)).sum()
+                    correct[1] += len(labels)
             dist.all_reduce(correct)
             tracker.add_scalar("accuracy", (correct[0] / correct[1]).item())  # a no-op on ranks > 0
 

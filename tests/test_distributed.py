@@ -103,7 +103,19 @@ def _worker(rank: int, folder: str) -> None:
         out["layer_names"] = list(tracker.layers)
         out["writer"] = type(tracker.writer).__name__
         feed_epoch(ddp, data, rank)
-        out["results"] = tracker.add_saturations()
+        shapes = []
+        all_reduce = dist.all_reduce
+
+        def recording_all_reduce(tensor: torch.Tensor, *args, **kwargs):
+            shapes.append(tuple(tensor.shape))
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = recording_all_reduce
+        try:
+            out["results"] = tracker.add_saturations()
+        finally:
+            dist.all_reduce = all_reduce
+        out["all_reduce_shapes"] = shapes
         tracker.close()
 
         # 2. reset_covariance=False over two epochs: the local state must survive the merges.
@@ -232,6 +244,20 @@ def test_only_rank_zero_writes(ranks: list) -> None:
     written = pd.read_csv(os.path.join(folder, "run0.csv"), sep=";", index_col=0)
     key = "train-covariance-trace_body-0"
     assert written.loc[0, key] == pytest.approx(ranks[0]["results"][key], rel=1e-12)
+
+
+def test_collectives_per_call(ranks: list) -> None:
+    """Three small reductions for all layers, then one d x d reduction per layer and mode with data."""
+    widths = {"body-0": 10, "body-2": 4, "extra": 3}
+    with_data = [("body-0", "train"), ("body-0", "eval"), ("body-2", "train"), ("body-2", "eval"), ("extra", "train")]
+    for out in ranks:
+        shapes = out["all_reduce_shapes"]
+        small = [shape for shape in shapes if len(shape) == 1]
+        square = [shape for shape in shapes if len(shape) == 2]
+        assert len(small) == 3 and len(shapes) == 3 + len(square)
+        assert sorted(square) == sorted((widths[name], widths[name]) for name, _ in with_data)
+        # key check, dimensions (max and min of 6 accumulators), then [n, n * mean, skipped] of each
+        assert small == [(4,), (12,), (sum(widths[name] + 2 for name, _ in with_data) + 2,)]
 
 
 def test_layer_names_unchanged_under_ddp(ranks: list) -> None:
