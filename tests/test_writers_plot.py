@@ -113,14 +113,15 @@ def test_long_layer_names_stay_whole_and_options_apply(tmp_path, drawn):
     assert drawn["profile"][0]["ticks"] == names
     assert max(map(len, names)) > 40
     assert drawn["evolution"][0]["layers"] == names
-    assert len(seen) == 1 and seen[0].texts[0].get_text() == "accuracy: 0.75"
+    assert len(seen) == 1 and seen[0].get_title().endswith("epoch 0 (accuracy 0.75)")
 
 
 def test_plot_writer_resume_continues_numbering_and_history(tmp_path, drawn):
     model = tiny_model()
     tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model)
-    run_epochs(tracker, model, range(3))
+    run_epochs(tracker, model, range(4))
     tracker.close()
+    assert (tmp_path / "run" / "run_lsat_train_epoch_3.png").exists()
     tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, initial_epoch=2)
     run_epochs(tracker, model, range(2, 3), seed=9)
     tracker.close()
@@ -191,7 +192,7 @@ def test_plot_scatter_from_results(tmp_path):
     df = pd.DataFrame(samples)
     ax = plot_scatter_from_results(str(tmp_path / "run.csv"), -1, "embed", df)
     np.testing.assert_allclose(ax.collections[0].get_offsets(), samples["train-embedded-sample_0"][1])
-    assert ax.get_title() == "0"
+    assert ax.get_title() == "layer 0"
     assert imread(tmp_path / "run_embed_train_epoch_1.png").shape[1] > 300
     assert plot_scatter_from_results(str(tmp_path / "run.csv"), -1, "embed", pd.DataFrame()) is None
 
@@ -206,3 +207,14 @@ def test_sample_values_of_0150_add_scalars(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == [
         "run_embed_train_epoch_0.png", "run_lsat_train_epoch_0.png", "run_lsat_train_evolution.png"]
     assert list(pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0).columns) == ["train-saturation_a"]
+
+
+def test_infinite_and_missing_values_never_break_a_figure(tmp_path, drawn):
+    from delve.writers import CSVandPlottingWriter
+
+    writer = CSVandPlottingWriter(str(tmp_path / "run"))
+    writer.add_scalars("", {"train-covariance-determinant_a": np.inf, "train-covariance-determinant_b": 2.0,
+                            "train-covariance-determinant_c": np.nan, "eval-covariance-determinant_a": np.nan})
+    writer.save()
+    assert os.listdir(tmp_path / "run") == ["run_det_train_epoch_0.png"]
+    assert drawn["profile"][0]["ylim"] == (0.0, pytest.approx(2.16))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -41,7 +42,7 @@ class CSVandPlottingWriter(CSVWriter):
         Called with the axes of every per-layer figure before it is saved;
         returns the axes (to add lines, change limits...).
     primary_metric : str, optional
-        Name of a user scalar (``'test_accuracy'``) written into each
+        Name of a user scalar (``'test_accuracy'``) shown in the title of each
         per-layer figure.
     fontsize : float
         Size of axis labels; titles are a little larger, tick labels smaller.
@@ -92,6 +93,17 @@ class CSVandPlottingWriter(CSVWriter):
             return
         super().add_scalar(name, value, **kwargs)
 
+    def resume_from_saved_state(self, initial_epoch: int) -> None:
+        """Keep the CSV rows and figures of epochs before ``initial_epoch``; delete later figures."""
+        super().resume_from_saved_state(initial_epoch)
+        if not os.path.isdir(self.folder):
+            return
+        pattern = re.compile(rf"^{re.escape(self.run_name)}_[a-z]+_(train|eval)_epoch_(\d+)\.png$")
+        for file_name in os.listdir(self.folder):
+            match = pattern.match(file_name)
+            if match and int(match.group(2)) >= initial_epoch:
+                os.unlink(os.path.join(self.folder, file_name))
+
     def add_sample_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         """Keep an ``(n, 2)`` array of embedded samples for this epoch's scatter plot (0.1.50 API)."""
         self.samples[name] = np.asarray(value)
@@ -140,12 +152,13 @@ class CSVandPlottingWriter(CSVWriter):
         figure = plotting.new_figure(*plotting.profile_size(layers, self.figsize))
         ax = figure.add_subplot(1, 1, 1)
         title = f"{self.run_name}: {plotting.stat_label(stat)} per layer ({mode}), epoch {epoch}"
+        metric = row.get(self.primary_metric) if self.primary_metric else None
+        if metric is not None:
+            shown = f"{metric:.4g}" if isinstance(metric, float) else str(metric)
+            title += f" ({self.primary_metric} {shown})"
         plotting.draw_profile(ax, layers, values, stat, title, fontsize=self.fontsize,
                               ylim=(0.0, 1.0) if stat == "lsat" else None,
                               color_line=plotting.MODE_COLORS[mode], mean_line=stat == "lsat" and len(layers) > 1)
-        metric = row.get(self.primary_metric) if self.primary_metric else None
-        if metric is not None:
-            plotting.draw_metric(ax, self.primary_metric, metric, (0.01, 0.97), self.fontsize * 0.8)
         if self.plot_man_func is not None:
             ax = self.plot_man_func(ax) or ax
         plotting.save_figure(ax.figure, self._path(stat, mode, f"epoch_{epoch}"))

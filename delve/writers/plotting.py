@@ -117,8 +117,10 @@ def draw_profile(
     ax.set_xlim(-0.5, len(labels) - 0.5)
     if ylim is not None:
         ax.set_ylim(ylim)
-    elif np.isfinite(numbers).any() and np.nanmin(numbers) >= 0:
-        ax.set_ylim(0, max(float(np.nanmax(numbers)) * 1.08, 1e-12))
+    else:
+        finite = numbers[np.isfinite(numbers)]
+        if len(finite) and finite.min() >= 0:
+            ax.set_ylim(0, max(float(finite.max()) * 1.08, 1e-12))
     ax.tick_params(axis="y", labelsize=fontsize * 0.8)
     if show_col_label_x:
         ax.set_xlabel("layer (forward order)", fontsize=fontsize)
@@ -211,7 +213,7 @@ def draw_embedding(
         array = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
         second = array[:, 1] if array.shape[1] > 1 else np.zeros(len(array))
         ax.scatter(array[:, 0], second, s=10, alpha=0.6, color=color, edgecolors="none")
-        ax.set_title(wrap_name(layer, 34), fontsize=10)
+        ax.set_title(wrap_name(f"layer {layer}", 34), fontsize=10)
         if index + columns >= count:
             ax.set_xlabel("1st principal direction", fontsize=9)
         if index % columns == 0:
