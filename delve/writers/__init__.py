@@ -3,6 +3,22 @@
 ``save_to`` of :class:`~delve.SaturationTracker` takes a key of :data:`WRITERS`,
 an :class:`AbstractWriter` instance, or a list of either. Each backend lives in
 its own module and is imported only when used, so ``import delve`` stays fast.
+
+========================================= =============================================
+key                                       writes
+========================================= =============================================
+``csv``                                   ``<savefile>.csv``, one row per epoch
+``plot``, ``plotcsv``, ``csvplot``,       the CSV, plus PNGs in ``<savefile>/``
+``csvplotting``
+``npy``                                   ``<savefile>/<name>/<name>_epoch<k>.npy``
+``tensorboard``, ``tb``                   event files in ``<savefile>/``
+``print``                                 ``name: value`` lines
+``console``                               one tqdm bar per layer
+========================================= =============================================
+
+The plotting helpers of delve 0.1.50 (:func:`extract_layer_stat`,
+:func:`plot_stat`, :func:`plot_stat_level_from_results`,
+:func:`plot_scatter_from_results`) are importable from here too.
 """
 from __future__ import annotations
 
