@@ -140,9 +140,13 @@ def _worker(rank: int, folder: str) -> None:
         }
         if rank == 1:
             accs["reset1"].reset()
+        accs["saved"] = TorchCovarianceMatrix(save_data=True, max_saved_samples=5)
+        accs["saved"].update(data[slice(*ROWS[rank]), :2])
         before = {key: _state(acc) for key, acc in accs.items()}
         merged = sync_accumulators(accs)
         out["merged"] = {key: _state(acc) for key, acc in merged.items()}
+        # Rows kept for the ``embed`` statistic stay those of the rank.
+        out["saved_rows"] = merged["saved"].saved_samples
         out["unchanged"] = all(
             all(torch.equal(before[key][name], value) for name, value in _state(acc).items() if torch.is_tensor(value))
             and before[key].keys() == _state(acc).keys()
@@ -296,6 +300,10 @@ def test_sync_accumulators_merges_exactly_and_leaves_local_state(ranks: list) ->
         _assert_state_is(merged["only0"], data[:40, 2:])
         _assert_state_is(merged["reset1"], data[slice(*ROWS[0]), :2])
         assert "m2" not in merged["nowhere"]
+        _assert_state_is(merged["saved"], data[: ROWS[1][1], :2])
+    for rank, out in enumerate(ranks):
+        start = ROWS[rank][0]
+        np.testing.assert_array_equal(out["saved_rows"].numpy(), data[start : start + 5, :2].numpy())
 
 
 def test_inconsistent_ranks_raise_everywhere(ranks: list) -> None:
