@@ -86,7 +86,7 @@ def conv_model(seed: int = 0) -> Any:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((8, 8, 2)),
+            keras.Input((6, 6, 2)),
             keras.layers.Conv2D(6, 3, activation="relu", name="conv"),
             keras.layers.Flatten(),
             keras.layers.Dense(3, name="head"),
@@ -171,12 +171,12 @@ def test_saturation_logger_print_freq_and_quiet(capsys: pytest.CaptureFixture) -
 @pytest.mark.parametrize("conv_method", ["channelwise", "mean", "flatten"])
 def test_saturation_logger_conv_matches_numpy(conv_method: str, capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(48, 8, 8, 2)).astype("float32")
+    x = rng.normal(size=(48, 6, 6, 2)).astype("float32")
     model = compile_model(conv_model())
     logger = kc.SaturationLogger(model, input_data=x[:30], conv_method=conv_method, sat_threshold=0.9)
     model.fit(x, rng.normal(size=(48, 3)).astype("float32"), epochs=2, batch_size=16, verbose=0, callbacks=[logger])
 
-    feature_maps = conv2d_forward(model.get_layer("conv"), x[:30])  # (n, 6, 6, 6) NHWC
+    feature_maps = conv2d_forward(model.get_layer("conv"), x[:30])  # (30, 4, 4, 6) NHWC
     if conv_method == "channelwise":
         samples = feature_maps.reshape(-1, 6)  # every spatial position a sample of the 6 channels
     elif conv_method == "mean":
@@ -192,7 +192,7 @@ def test_saturation_logger_conv_matches_numpy(conv_method: str, capsys: pytest.C
 
 def test_saturation_logger_include_conv_false() -> None:
     model = conv_model()
-    logger = kc.SaturationLogger(model, input_data=np.zeros((2, 8, 8, 2), "float32"), include_conv=False)
+    logger = kc.SaturationLogger(model, input_data=np.zeros((2, 6, 6, 2), "float32"), include_conv=False)
     assert list(logger.layers) == ["head"]
 
 
@@ -336,7 +336,7 @@ def test_tracker_callback_while_training_matches_hooked_outputs(tmp_path: Path) 
 
 
 def test_tracker_callback_conv_channelwise_matches_numpy(tmp_path: Path) -> None:
-    x = np.random.default_rng(10).normal(size=(40, 8, 8, 2)).astype("float32")
+    x = np.random.default_rng(10).normal(size=(40, 6, 6, 2)).astype("float32")
     model = compile_model(conv_model(), learning_rate=0.0)
     callback = kc.SaturationCallback(str(tmp_path / "conv"), save_to="csv", stats=["idim", "trc"])
     model.fit(x, np.zeros((40, 3), "float32"), epochs=2, batch_size=16, verbose=0, callbacks=[callback])
