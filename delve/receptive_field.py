@@ -110,7 +110,7 @@ def _argument(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str
 def _per_axis(value: Any, axes: int) -> Tuple[float, ...]:
     if isinstance(value, (tuple, list)):
         values = tuple(float(v) for v in value)
-        return values if len(values) == axes else values[-1:] * axes
+        return values if len(values) == axes else (max(values),) * axes
     return (float(value),) * axes
 
 
@@ -225,8 +225,7 @@ def _normalize_input_size(model: nn.Module, input_size: InputSize) -> Tuple[int,
                 "input_size as an int means a square 2-D image whose channels come from the first Conv2d; "
                 "give input_size=(channels, *spatial) for this model"
             )
-        channels = conv.in_channels if not conv.transposed else conv.out_channels * conv.groups
-        return channels, (input_size, input_size)
+        return conv.in_channels, (input_size, input_size)
     sizes = tuple(input_size)
     if len(sizes) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
         raise ValueError(f"input_size must be an int or (channels, *spatial) of positive ints, got {input_size!r}")

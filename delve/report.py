@@ -353,9 +353,14 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
         before = probes.reindex(ctx.layers[: ctx.layers.index(ctx.tail[0])]).dropna()
         inside = probes.reindex(ctx.tail).dropna()
         if len(before) and len(inside):
+            start, best = float(before.max()), float(inside.max())
+            verdict = (
+                "the tail barely improves on the layers before it, as expected of layers that add nothing"
+                if best - start < 0.02 else "the tail still improves the probes: remove its layers with care"
+            )
             items.append(("info", (
-                f"Probes: the best layer before the tail reaches {float(before.max()):.1%} test accuracy, "
-                f"the tail {float(inside.max()):.1%}."
+                f"Probes: the best layer before the tail reaches {start:.1%} test accuracy, the tail "
+                f"{best:.1%}; {verdict}."
             )))
     return items
 

@@ -126,7 +126,7 @@ def main() -> None:
         if args.quick:
             run(resolution, epochs=1, limit=128, probe_epochs=1)
         else:
-            run(resolution, epochs=args.epochs, limit=0, probe_epochs=20)
+            run(resolution, epochs=args.epochs, limit=0, probe_epochs=10)
 
 
 if __name__ == "__main__":

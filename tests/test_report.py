@@ -129,7 +129,10 @@ def test_report_traces_a_given_model_and_shows_probes(tmp_path) -> None:
     rows = table_rows(page)
     assert [n for n, row in rows.items() if "tag rf" in row] == ["4", "5", "6"]
     assert "probe test acc." in page and "75.0%" in rows["6"]
-    assert "Probes: the best layer before the tail reaches 65.0% test accuracy, the tail 75.0%." in page
+    assert "Probes: the best layer before the tail reaches 65.0% test accuracy, the tail 75.0%; the tail still" in page
+    flat = {n: ProbeResult(n, 4, 0.95, 0.9) for n in LAYERS}
+    page = Path(report(str(savefile), model=cnn(), input_size=(1, 8, 8), probes=flat)).read_text()
+    assert "the tail 90.0%; the tail barely improves on the layers before it" in page
     with pytest.raises(ValueError, match="input_size"):
         report(str(savefile), model=cnn())
     with pytest.raises(FileNotFoundError, match="receptive_fields"):
