@@ -27,8 +27,10 @@ The merged states are new accumulators: the local ones are never modified, so
 recording goes on undisturbed. Every rank gets the same merged statistics
 (useful for early stopping); only rank 0 writes (the tracker gives the other
 ranks a :class:`NullWriter`). Every rank must therefore call
-``add_saturations()`` / ``compute()`` the same number of times, and create the
-tracker after ``torch.distributed.init_process_group``.
+``add_saturations()`` / ``compute()`` the same number of times. Create the
+tracker after ``torch.distributed.init_process_group``: a tracker created
+before builds its writers on every rank (which may create files there); from
+its first ``add_saturations()`` on, ranks other than 0 drop them with a warning.
 
 Collectives run on CPU for gloo and on this rank's GPU for nccl (the device of
 the local state, else the current CUDA device: call ``torch.cuda.set_device``
@@ -36,6 +38,7 @@ as usual); the merged state is put back on the device of the local state.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple, TypeVar
 
@@ -153,6 +156,42 @@ class NullWriter(AbstractWriter):
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def writer_for_rank(writer: AbstractWriter, group: Optional[Any] = None) -> AbstractWriter:
+    """``writer`` on rank 0 and outside ``torch.distributed``; a :class:`NullWriter` on the other ranks.
+
+    A writer that a rank other than 0 built anyway (its tracker was created
+    before ``init_process_group``) is closed, with a warning.
+
+    Parameters
+    ----------
+    writer : AbstractWriter
+        The writer this process holds.
+    group : ProcessGroup, optional
+        The group whose rank 0 writes; the default (world) group when ``None``.
+
+    Returns
+    -------
+    AbstractWriter
+
+    Examples
+    --------
+    >>> writer = NullWriter()
+    >>> writer_for_rank(writer) is writer
+    True
+    """
+    if is_main_process(group) or isinstance(writer, NullWriter):
+        return writer
+    warnings.warn(
+        f"rank {get_rank(group)} holds a {type(writer).__name__} because its SaturationTracker was created "
+        "before torch.distributed.init_process_group; only rank 0 writes, so this rank writes nothing. "
+        "Create the tracker after init_process_group.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    writer.close()
+    return NullWriter()
 
 
 def _collective_device(group: Optional[Any], accumulators: List[TorchCovarianceMatrix]) -> torch.device:

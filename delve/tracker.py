@@ -468,6 +468,7 @@ class SaturationTracker:
         if self._closed:
             raise RuntimeError("add_saturations() called on a closed SaturationTracker")
         results = self.compute()
+        self.writer = distributed.writer_for_rank(self.writer)
         self._warn_nonfinite()
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -87,12 +88,21 @@ def _worker(rank: int, folder: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)  # two processes on a small machine
+    data = make_data()
+    # 0. A tracker created too early: every rank builds a CSV writer.
+    early_net = make_net()
+    early = SaturationTracker(os.path.join(folder, f"early{rank}"), save_to="csv", modules=early_net)
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD_SIZE
     )
     try:
         out: dict = {"rank": rank, "is_distributed": is_distributed(), "main": is_main_process()}
-        data = make_data()
+        feed_epoch(early_net, data, rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            early.add_saturations()
+        out["early_warnings"] = [str(warning.message) for warning in caught]
+        early.close()
 
         # 1. A tracker on a DDP-wrapped model, writing CSV (each rank gets its own path).
         net = make_net()
@@ -262,6 +272,14 @@ def test_collectives_per_call(ranks: list) -> None:
         assert sorted(square) == sorted((widths[name], widths[name]) for name, _ in with_data)
         # key check, dimensions (max and min of 6 accumulators), then [n, n * mean, skipped] of each
         assert small == [(4,), (12,), (sum(widths[name] + 2 for name, _ in with_data) + 2,)]
+
+
+def test_tracker_created_before_init_writes_on_rank_zero_only(ranks: list) -> None:
+    folder = ranks[0]["folder"]
+    assert os.path.isfile(os.path.join(folder, "early0.csv"))
+    assert not os.path.exists(os.path.join(folder, "early1.csv"))
+    assert not any("init_process_group" in message for message in ranks[0]["early_warnings"])
+    assert any("Create the tracker after init_process_group" in message for message in ranks[1]["early_warnings"])
 
 
 def test_layer_names_unchanged_under_ddp(ranks: list) -> None:
