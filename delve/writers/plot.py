@@ -166,16 +166,12 @@ class CSVandPlottingWriter(CSVWriter):
     def _plot_evolution(self, stat: str, mode: str) -> None:
         from delve.writers import plotting
 
-        layers = [parsed.layer for column in self.columns
-                  if (parsed := parse_stat_name(column)) and (parsed.stat, parsed.mode) == (stat, mode)]
+        columns = [column for column in self.columns
+                   if (parsed := parse_stat_name(column)) and (parsed.stat, parsed.mode) == (stat, mode)]
+        layers = [column.partition("_")[2] for column in columns]
         epochs = [epoch for epoch, _ in self.rows]
-        matrix = np.full((len(layers), len(epochs)), np.nan)
-        prefix = next(column for column in self.columns
-                      if (parsed := parse_stat_name(column)) and (parsed.stat, parsed.mode) == (stat, mode))
-        head = prefix.partition("_")[0]
-        for column_index, (_, values) in enumerate(self.rows):
-            for row_index, layer in enumerate(layers):
-                matrix[row_index, column_index] = _to_float(values.get(f"{head}_{layer}", math.nan))
+        matrix = np.array([[_to_float(values.get(column, math.nan)) for _, values in self.rows]
+                           for column in columns]).reshape(len(columns), len(epochs))
         figure = plotting.new_figure(*plotting.evolution_size(layers, epochs))
         plotting.draw_evolution(figure, layers, epochs, matrix, stat,
                                 f"{self.run_name}: {plotting.stat_label(stat)} over training ({mode})",
