@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, TypeVar
 
 import torch
 
