@@ -172,12 +172,15 @@ def test_csv_resume_keeps_earlier_rows(tmp_path):
 
 # --------------------------------------------------------------------- print
 def test_print_writes_name_value_lines(tmp_path, capsys):
-    tracker, model = _tracker(tmp_path, "print")
+    tracker, model = _tracker(tmp_path, "print", stats=["lsat", "cov"])
     results = run_epochs(tracker, model, range(1))[0]
     tracker.close()
     lines = capsys.readouterr().out.splitlines()
     assert "accuracy: 0.5" in lines
+    assert "train-covariance-matrix_2: array of shape (5, 5)" in lines
     for name, value in results.items():
+        if "covariance" in name:
+            continue
         line = next(line for line in lines if line.startswith(name + ": "))
         assert float(line.split(": ")[1]) == pytest.approx(value, rel=1e-5)
 
