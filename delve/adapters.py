@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from delve.covariance import check_memory_budget
+
 CONV_METHODS = ("channelwise", "mean", "max", "median", "flatten")
 TIMESERIES_METHODS = ("last_timestep", "timestepwise")
 INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
@@ -131,6 +133,48 @@ def feature_dimension(module: nn.Module, options: AdapterOptions) -> Optional[in
     if isinstance(module, nn.RNNCellBase):
         return module.hidden_size
     return None
+
+
+def check_layer_memory(
+    name: str, module: nn.Module, options: AdapterOptions, memory_budget: Optional[int], dim: Optional[int] = None
+) -> Optional[int]:
+    """Bytes the covariance of one layer takes per mode, refused above ``memory_budget``.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name, for the error message.
+    module : torch.nn.Module
+        The layer.
+    options : AdapterOptions
+        How its outputs become samples.
+    memory_budget : int or None
+        Most bytes per layer and mode; ``None`` for no limit.
+    dim : int, optional
+        Number of features when already known (from a first batch); otherwise
+        it is derived from the layer, which is impossible for ``flatten``
+        convolutions before they have seen an input.
+
+    Returns
+    -------
+    int or None
+        The bytes, or ``None`` when the feature dimension is not known yet
+        (pass ``memory_budget`` and ``name`` to the accumulator to check it on
+        the first batch).
+
+    Raises
+    ------
+    delve.covariance.CovarianceMemoryError
+        A ``ValueError`` naming the layer, its size and what to do instead.
+
+    Examples
+    --------
+    >>> check_layer_memory("fc", nn.Linear(10, 256), AdapterOptions(), memory_budget=2**21)
+    1056768
+    """
+    if dim is None:
+        dim = feature_dimension(module, options)
+    return None if dim is None else check_memory_budget(name, dim, memory_budget)
 
 
 def _first(output: Any) -> Any:

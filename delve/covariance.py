@@ -57,6 +57,9 @@ _STATE_VERSION = 1
 #: Seed of the row sampling of every accumulator that is not given one.
 DEFAULT_SAMPLE_SEED = 0
 
+#: Rows per batch that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py``).
+DEFAULT_SAMPLE_ROWS = 32
+
 #: Elements per chunk when the working-precision buffer is added to the float64 state.
 _FOLD_CHUNK = 1 << 16
 
@@ -99,9 +102,9 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
 def _format_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
+            return f"{nbytes:.3g} {unit}"
         nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
+    return f"{nbytes:.3g} TiB"
 
 
 def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int]) -> int:
@@ -141,6 +144,43 @@ def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int])
             "memory_budget."
         )
     return nbytes
+
+
+def resolve_sample_rows(sample_rows: Union[None, bool, int]) -> Optional[int]:
+    """Validate a ``sample_rows`` setting and turn it into rows per batch.
+
+    Parameters
+    ----------
+    sample_rows : None, bool or int
+        ``None`` or ``False``: keep every row (exact statistics). ``True``:
+        keep :data:`DEFAULT_SAMPLE_ROWS` rows of each batch. An int ``m >= 2``:
+        keep ``m`` rows of each batch.
+
+    Returns
+    -------
+    int or None
+        Rows per batch, ``None`` for all of them.
+
+    Raises
+    ------
+    ValueError
+        For any other value, naming the valid choices.
+
+    Examples
+    --------
+    >>> resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS, resolve_sample_rows(None), resolve_sample_rows(128)
+    (True, None, 128)
+    """
+    if sample_rows is None or sample_rows is False:
+        return None
+    if sample_rows is True:
+        return DEFAULT_SAMPLE_ROWS
+    if isinstance(sample_rows, int) and sample_rows >= 2:
+        return sample_rows
+    raise ValueError(
+        f"sample_rows must be None (every row), True ({DEFAULT_SAMPLE_ROWS} rows per batch) or an int >= 2, "
+        f"got {sample_rows!r}"
+    )
 
 
 def _check_optional_int(name: str, value: Any, minimum: int) -> None:
@@ -248,6 +288,12 @@ class TorchCovarianceMatrix:
         """Float64 mean of the accumulated samples."""
         self._fold()
         return self._mean
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory this accumulator holds: its float64 state and scratch buffers."""
+        tensors = [self._count, self._mean, self._m2, self._num_skipped, *self._buffers.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def saved_samples(self) -> Optional[torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from delve.adapters import AdapterOptions, conv_samples
+from delve.adapters import AdapterOptions, check_layer_memory, conv_samples
 from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, check_memory_budget, covariance_nbytes
 from delve.metrics import compute_intrinsic_dimensionality
 
@@ -207,7 +207,7 @@ def test_mismatched_dimension_raises():
 def test_memory_budget_names_layer_and_size():
     assert covariance_nbytes(100) >= 100 * 100 * 8
     assert check_memory_budget("features-0", 100, None) == covariance_nbytes(100)
-    with pytest.raises(CovarianceMemoryError, match=r"'features-0'.*65536 features.*64\.\d GiB"):
+    with pytest.raises(CovarianceMemoryError, match=r"'features-0'.*65536 features.*64 GiB.*memory_budget"):
         check_memory_budget("features-0", 65536, memory_budget=2**30)
     assert issubclass(CovarianceMemoryError, ValueError)
 
@@ -220,3 +220,18 @@ def test_memory_budget_checked_when_first_batch_fixes_dimension():
     small = TorchCovarianceMatrix(memory_budget=10_000, name="fc")
     small.update(torch.randn(4, 8))
     assert small.count == 4
+
+
+def test_layer_memory_from_module_and_options():
+    linear = nn.Linear(10, 300)
+    assert check_layer_memory("fc", linear, AdapterOptions(), None) == covariance_nbytes(300)
+    with pytest.raises(ValueError, match="'fc' has 300 features"):
+        check_layer_memory("fc", linear, AdapterOptions(), memory_budget=covariance_nbytes(300) - 1)
+    conv = nn.Conv2d(3, 64, 3)
+    assert check_layer_memory("conv", conv, AdapterOptions(), 2**30) == covariance_nbytes(64)
+    # flatten: size unknown before an input; known afterwards (64 channels x 30 x 30).
+    flatten = AdapterOptions(conv_method="flatten")
+    assert check_layer_memory("conv", conv, flatten, 2**30) is None
+    samples = conv_samples(conv, conv(torch.randn(2, 3, 32, 32)), flatten)
+    with pytest.raises(ValueError, match="'conv' has 57600 features"):
+        check_layer_memory("conv", conv, flatten, 2**30, dim=samples.shape[1])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from delve.covariance import TorchCovarianceMatrix
+from delve.covariance import DEFAULT_SAMPLE_ROWS, TorchCovarianceMatrix, resolve_sample_rows
 
 
 def batches_with_distinct_means(dim: int, seed: int = 0):
@@ -138,3 +138,13 @@ def test_update_never_reads_tensor_values_on_the_host(monkeypatch, sample_rows):
     monkeypatch.undo()
     assert acc.num_skipped_batches == 3
     assert torch.isfinite(acc.compute()).all()
+
+
+def test_resolve_sample_rows():
+    assert resolve_sample_rows(None) is None
+    assert resolve_sample_rows(False) is None
+    assert resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS
+    assert resolve_sample_rows(64) == 64
+    for bad in (0, 1, -3, 2.5, "all"):
+        with pytest.raises(ValueError, match="sample_rows must be None"):
+            resolve_sample_rows(bad)
