@@ -425,8 +425,9 @@ class SaturationCallback(keras.callbacks.Callback):
     the names and CSV columns of the PyTorch side, so Keras and PyTorch runs can
     be read and plotted together. Forward passes outside ``fit`` batches (a
     :class:`SaturationLogger`, ``predict``) are not recorded. Needs
-    ``KERAS_BACKEND=torch`` and eager execution (``jit_compile=False``, the
-    torch backend's default).
+    ``KERAS_BACKEND=torch`` and eager execution: ``fit`` raises a ValueError
+    for a model compiled with ``jit_compile=True`` (the torch backend's
+    default is ``False``).
 
     Parameters
     ----------
@@ -513,6 +514,11 @@ class SaturationCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         """Attach the tracker's hooks to the model's Dense and convolution layers."""
         _require_torch_backend(type(self).__name__)
+        if getattr(self.model, "jit_compile", False):
+            raise ValueError(
+                f"{type(self).__name__} cannot see the batches of a model compiled with jit_compile=True "
+                "(torch.compile skips delve's forward hooks); compile it with jit_compile=False"
+            )
         if self.tracker is None:
             self.tracker = self._build_tracker()
 

@@ -418,6 +418,15 @@ def test_tracker_callback_rejects_bad_arguments() -> None:
         kc.SaturationCallback("run", conv_method="pool")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # raised by torch.compile's imports
+def test_tracker_callback_refuses_jit_compiled_models() -> None:
+    model = dense_model()
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    callback = kc.SaturationCallback("unused", nosave=True)
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        model.fit(np.ones((4, 10), "float32"), np.zeros((4, 2), "float32"), epochs=1, verbose=0, callbacks=[callback])
+
+
 def test_tracker_callback_needs_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(RuntimeError, match="KERAS_BACKEND=torch.*'jax'.*SaturationLogger"):
