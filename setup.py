@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "lightning": ["lightning>=2.1"],
-        "hf": ["transformers>=4.40", "accelerate>=0.26"],
+        "hf": ["transformers>=4.41", "accelerate>=0.26"],
         "keras": ["keras>=3.0"],
         "examples": ["scikit-learn>=1.2"],
     },
