@@ -190,6 +190,17 @@ def test_saturation_logger_conv_matches_numpy(conv_method: str, capsys: pytest.C
     }
 
 
+def test_saturation_logger_multi_input_functional_model() -> None:
+    first, second = keras.Input((3,), name="first"), keras.Input((4,), name="second")
+    joined = keras.layers.Concatenate()([first, second])
+    model = keras.Model({"first": first, "second": second}, keras.layers.Dense(5, name="mix")(joined))
+    rng = np.random.default_rng(16)
+    data = {"first": rng.normal(size=(21, 3)).astype("float32"), "second": rng.normal(size=(21, 4)).astype("float32")}
+    logger = kc.SaturationLogger(model, input_data=data, batch_size=8, sat_threshold=0.95)
+    outputs = dense_forward(model.get_layer("mix"), np.concatenate([data["first"], data["second"]], axis=1))
+    assert logger.compute() == {"mix": reference_saturation(outputs, 0.95)}
+
+
 def test_saturation_logger_include_conv_false() -> None:
     model = conv_model()
     logger = kc.SaturationLogger(model, input_data=np.zeros((2, 6, 6, 2), "float32"), include_conv=False)
