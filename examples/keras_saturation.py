@@ -1,6 +1,7 @@
 """Keras 3 on the torch backend: layer saturation of a small CNN learning scikit-learn's digits.
 
-Run ``python examples/keras_saturation.py`` (``--quick`` for a two-epoch smoke run).
+Needs Keras 3 (``pip install delve[keras]``; no TensorFlow). Run
+``python examples/keras_saturation.py`` (``--quick`` for a two-epoch smoke run).
 Three delve callbacks go into ``model.fit``:
 
 * ``SaturationLogger`` prints ``conv  : %0.41 | hidden  : %0.62 | output  : %0.80 |``
