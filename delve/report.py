@@ -275,6 +275,15 @@ def _span(names: Sequence[str]) -> str:
     return f"{quoted[0]} … {quoted[-1]} ({len(quoted)} layers)"
 
 
+def _subject(names: Sequence[str]) -> str:
+    return ("Layer " if len(names) == 1 else "Layers ") + _span(names)
+
+
+def _say(names: Sequence[str], one: str, many: str) -> str:
+    """``one`` for a single layer, ``many`` for several."""
+    return one if len(names) == 1 else many
+
+
 def _field_text(value: Any) -> str:
     if value is None:
         return ""
@@ -292,36 +301,44 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
     head = f"{float(rest.median()):.2f}" if len(rest) else "?"
     if ctx.tail and not fitting:
         low = f"{float(values.reindex(ctx.tail).max()):.2f}"
+        tail = ctx.tail
         reason = (
-            f"their receptive fields already cover the {_size_text(ctx.input_size)} input"
-            if both else "their saturation sits far below the rest"
+            _say(tail, "its receptive field already covers", "their receptive fields already cover")
+            + f" the {_size_text(ctx.input_size)} input"
+            if both else _say(tail, "its", "their") + " saturation sits far below the rest"
         )
         items.append(("warn", (
-            f"Layers {_span(ctx.tail)} add nothing at this input size: {reason} "
+            f"{_subject(tail)} {_say(tail, 'adds', 'add')} nothing at this input size: {reason} "
             f"(at most {low} against a median of {head} for the other layers). "
-            "Increase the input resolution or remove them; slowing the receptive field's growth "
-            "(fewer early downsampling layers) also makes them useful again."
+            f"Increase the input resolution or remove {_say(tail, 'it', 'them')}; slowing the receptive field's "
+            f"growth (fewer early downsampling layers) also makes {_say(tail, 'it', 'them')} useful again."
         )))
     elif ctx.tail:
         if both:
             items.append(("warn", (
-                f"Layers {_span(both)} add nothing at this input size: they sit in the saturation tail and their "
-                f"receptive fields already cover the {_size_text(ctx.input_size)} input. Increase the input "
-                "resolution or remove them."
+                f"{_subject(both)} {_say(both, 'adds', 'add')} nothing at this input size: "
+                f"{_say(both, 'it sits', 'they sit')} in the saturation tail and "
+                f"{_say(both, 'its receptive field already covers', 'their receptive fields already cover')} the "
+                f"{_size_text(ctx.input_size)} input. Increase the input resolution or remove "
+                f"{_say(both, 'it', 'them')}."
             )))
         low = f"{float(values.reindex(fitting).max()):.2f}"
         items.append(("info", (
-            f"Layers {_span(fitting)} sit far below the rest (at most {low} against a median of {head}) although "
-            "their receptive fields still fit the input, so resolution is not the cause: they use a small share "
-            "of their width (common for the last layer before global pooling). They could be narrower; check "
-            "the probe accuracies before removing them."
+            f"{_subject(fitting)} {_say(fitting, 'sits', 'sit')} far below the rest (at most {low} against a median "
+            f"of {head}) although {_say(fitting, 'its receptive field still fits', 'their receptive fields still fit')}"
+            f" the input, so resolution is not the cause: {_say(fitting, 'it uses', 'they use')} a small share of "
+            f"{_say(fitting, 'its', 'their')} width (common for the last layer before global pooling). "
+            f"{_say(fitting, 'It', 'They')} could be narrower; check the probe accuracies before removing "
+            f"{_say(fitting, 'it', 'them')}."
         )))
     extra = [n for n in ctx.unproductive if n not in ctx.tail]
     if extra:
         items.append(("info", (
-            f"Layers {_span(extra)} see more than the whole {_size_text(ctx.input_size)} input already before "
-            "they start (receptive field of their input ≥ input size), but their saturation shows no tail; "
-            "they are candidates for removal if a longer run shows them dropping."
+            f"{_subject(extra)} {_say(extra, 'sees', 'see')} more than the whole {_size_text(ctx.input_size)} input "
+            f"already before {_say(extra, 'it starts', 'they start')} (the receptive field of "
+            f"{_say(extra, 'its', 'their')} input ≥ the input size), but {_say(extra, 'its', 'their')} saturation "
+            f"shows no tail; {_say(extra, 'it is a candidate', 'they are candidates')} for removal if a longer run "
+            f"shows {_say(extra, 'it', 'them')} dropping."
         )))
     spatial = [f for f in ctx.fields.values() if not math.isinf(max(f.input_receptive_field))]
     if ctx.unproductive and spatial:
@@ -335,6 +352,11 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
             "Pass the model and input size (<code>report(run, model=..., input_size=...)</code>) or save "
             f"<code>{RF_FILE}</code> with <code>delve.receptive_field.save_receptive_fields</code> "
             "to check the tail against the receptive-field border."
+        )))
+    if ctx.tail and ctx.fields and not ctx.unproductive:
+        items.append(("ok", (
+            f"No layer is unproductive at this input size: the input of every layer sees less than the whole "
+            f"{_size_text(ctx.input_size)} input, so depth and resolution match."
         )))
     if not ctx.tail and not ctx.unproductive:
         items.append(("ok", (
@@ -355,7 +377,7 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
         if len(before) and len(inside):
             start, best = float(before.max()), float(inside.max())
             verdict = (
-                "the tail barely improves on the layers before it, as expected of layers that add nothing"
+                "the tail barely improves on the layers before it"
                 if best - start < 0.02 else "the tail still improves the probes: remove its layers with care"
             )
             items.append(("info", (
@@ -439,8 +461,9 @@ def render_html(ctx: _Context) -> str:
         "<div class='meta'>" + "".join(f"<span>{m}</span>" for m in meta) + "</div>",
         "<h2>Recommendations</h2>", recs,
         "<h2>Saturation per layer over epochs</h2>",
-        _figure_html(_heatmap(ctx), "Rows are layers in forward order; tail layers in red; the orange dashed line is "
-                     "the receptive-field border (below it, layers see more than the whole input)."),
+        _figure_html(_heatmap(ctx), "Rows are layers in forward order" + ("; tail layers in red" if ctx.tail else "")
+                     + ("; the orange dashed line is the receptive-field border (below it, layers see more than "
+                        "the whole input)" if ctx.border is not None else "") + "."),
         "<h2>Last epoch</h2>",
         _figure_html(_profile(ctx), f"{ctx.mode} saturation of each layer at the last epoch."),
         "<h2>Eval vs train</h2>",

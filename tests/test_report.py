@@ -98,7 +98,7 @@ def test_report_marks_tail_and_border_and_is_self_contained(tmp_path) -> None:
     assert [n for n, row in rows.items() if "tag tail" in row] == ["5", "6"]
     assert [n for n, row in rows.items() if "tag rf" in row] == ["4", "5", "6"]
     assert "add nothing at this input size" in page and "<code>5</code> and <code>6</code>" in page
-    assert "Layers <code>4</code> see more than the whole" in page  # unproductive, but not (yet) in the tail
+    assert "Layer <code>4</code> sees more than the whole" in page  # unproductive, but not (yet) in the tail
     assert "larger than 18 px" in page
     assert "Increase the input resolution or remove them" in page
     assert "8×8 px" in page
@@ -133,6 +133,11 @@ def test_report_traces_a_given_model_and_shows_probes(tmp_path) -> None:
     flat = {n: ProbeResult(n, 4, 0.95, 0.9) for n in LAYERS}
     page = Path(report(str(savefile), model=cnn(), input_size=(1, 8, 8), probes=flat)).read_text()
     assert "the tail 90.0%; the tail barely improves on the layers before it" in page
+    # At 32 px every layer's input is smaller than the image: the tail is not a resolution problem.
+    page = Path(report(str(savefile), model=cnn(), input_size=(1, 32, 32))).read_text()
+    assert "tag rf" not in page and "add nothing" not in page
+    assert "Layers <code>5</code> and <code>6</code> sit far below the rest" in page
+    assert "their receptive fields still fit the input" in page and "No layer is unproductive" in page
     with pytest.raises(ValueError, match="input_size"):
         report(str(savefile), model=cnn())
     with pytest.raises(FileNotFoundError, match="receptive_fields"):
