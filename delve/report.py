@@ -334,8 +334,8 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
     extra = [n for n in ctx.unproductive if n not in ctx.tail]
     if extra:
         items.append(("info", (
-            f"{_subject(extra)} {_say(extra, 'sees', 'see')} more than the whole {_size_text(ctx.input_size)} input "
-            f"already before {_say(extra, 'it starts', 'they start')} (the receptive field of "
+            f"{_subject(extra)} {_say(extra, 'receives an input that', 'receive inputs that')} already "
+            f"{_say(extra, 'sees', 'see')} the whole {_size_text(ctx.input_size)} input (the receptive field of "
             f"{_say(extra, 'its', 'their')} input ≥ the input size), but {_say(extra, 'its', 'their')} saturation "
             f"shows no tail; {_say(extra, 'it is a candidate', 'they are candidates')} for removal if a longer run "
             f"shows {_say(extra, 'it', 'them')} dropping."

@@ -98,7 +98,7 @@ def test_report_marks_tail_and_border_and_is_self_contained(tmp_path) -> None:
     assert [n for n, row in rows.items() if "tag tail" in row] == ["5", "6"]
     assert [n for n, row in rows.items() if "tag rf" in row] == ["4", "5", "6"]
     assert "add nothing at this input size" in page and "<code>5</code> and <code>6</code>" in page
-    assert "Layer <code>4</code> sees more than the whole" in page  # unproductive, but not (yet) in the tail
+    assert "Layer <code>4</code> receives an input that already sees the whole 8×8 px input" in page  # unproductive, but not (yet) in the tail
     assert "larger than 18 px" in page
     assert "Increase the input resolution or remove them" in page
     assert "8×8 px" in page
