@@ -56,7 +56,7 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_page_is_built(html: Path) -> None:
     for page in ("index", "installation", "saturation", "user_guide", "output_formats", "migration",
-                 "examples", "api"):
+                 "examples", "api", "history"):
         assert (html / f"{page}.html").is_file(), page
 
 
