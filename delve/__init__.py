@@ -20,7 +20,10 @@ name = "delve"
 # Names of delve 0.1.50 kept importable from the top level, loaded on first use.
 _LAZY = {
     "csv": ("delve.writers.csv", "CSVWriter"),
+    "npy": ("delve.writers.npy", "NPYWriter"),
+    "tensorboard": ("delve.writers.tensorboard", "TensorBoardWriter"),
     "console": ("delve.writers.print", "PrintWriter"),
+    "reconstruct_csv_from_npy_data": ("delve.tools", "reconstruct_csv_from_npy_data"),
 }
 
 
@@ -31,4 +34,11 @@ def __getattr__(attribute: str) -> Any:
     raise AttributeError(f"module 'delve' has no attribute {attribute!r}")
 
 
-__all__ = ["SaturationTracker", "CheckLayerSat", "TorchCovarianceMatrix", "register_adapter", "__version__"]
+__all__ = [
+    "SaturationTracker",
+    "CheckLayerSat",
+    "TorchCovarianceMatrix",
+    "register_adapter",
+    "reconstruct_csv_from_npy_data",
+    "__version__",
+]
