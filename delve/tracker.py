@@ -20,6 +20,7 @@ from delve.writers import SaveTo, build_writer, check_save_to
 from delve.writers.base import STATMAP, AbstractWriter
 
 MODES = ("train", "eval")
+_STATE_VERSION = 1
 
 #: Statistic keys accepted by ``stats``; their output names are in :data:`delve.writers.STATMAP`.
 SUPPORTED_STATS = tuple(STATMAP)
@@ -507,10 +508,69 @@ class SaturationTracker:
             self.add_scalar(prefix + name, value, **kwargs)
 
     def save(self) -> None:
-        """Persist the current epoch in every writer and start the next one."""
+        """Persist the current epoch in every writer and start the next one.
+
+        A failing save (full disk, a folder removed mid-run) never stops training:
+        it warns, and the writers keep the values in memory for the next save.
+        """
         if not self.nosave:
-            self.writer.save()
+            try:
+                self.writer.save()
+            except OSError as error:
+                warnings.warn(
+                    f"delve could not save epoch {self.epoch} ({type(error).__name__}: {error}); the values "
+                    "stay in memory and are written at the next save",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.epoch += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything recorded so far, to resume mid-epoch from a checkpoint.
+
+        Returns
+        -------
+        dict
+            A ``version`` key, the epoch, whether recording is on, and per layer
+            and mode the accumulator state and the per-epoch counters. Saved rows
+            of the ``embed`` statistic are not included.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "record": self.record,
+            "layers": {
+                name: {
+                    mode: {"accumulator": state.accumulator.state_dict(), "calls": state.calls, "rows": state.rows}
+                    for mode, state in layer_state.modes.items()
+                }
+                for name, layer_state in self._layer_states.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, so the statistics go on where they were.
+
+        Raises
+        ------
+        ValueError
+            If the state comes from another version or tracks other layers.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported SaturationTracker state version {state.get('version')!r}")
+        saved, tracked = set(state["layers"]), set(self._layer_states)
+        if saved != tracked:
+            raise ValueError(
+                f"state tracks other layers: missing {sorted(tracked - saved)}, unexpected {sorted(saved - tracked)}"
+            )
+        self.epoch = state["epoch"]
+        self.record = state["record"]
+        for name, modes in state["layers"].items():
+            for mode, saved_mode in modes.items():
+                target = self._layer_states[name].modes[mode]
+                target.accumulator.load_state_dict(saved_mode["accumulator"])
+                target.calls = saved_mode["calls"]
+                target.rows = saved_mode["rows"]
 
     def close(self) -> None:
         """Remove every hook and close the writers; calling it again does nothing."""

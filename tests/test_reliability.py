@@ -173,3 +173,69 @@ def test_torch_compile_model_is_tracked_or_warns(tmp_path):
     expected = np.trace(population_cov(capture.outputs[0].numpy()))
     assert results["train-covariance-trace_0"] == pytest.approx(expected, rel=1e-5)
     tracker.close()
+
+
+def test_tracker_state_resumes_mid_epoch_from_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    capture = Capture(model[2])
+    first = SaturationTracker(str(tmp_path / "run"), "csv", model, stats=["trc", "idim"], max_samples=40)
+    for _ in range(3):
+        model(torch.randn(8, 4))
+    path = tmp_path / "tracker.pt"
+    torch.save(first.state_dict(), path)
+    first.close()
+    second = SaturationTracker(str(tmp_path / "run"), "csv", model, stats=["trc", "idim"], max_samples=40)
+    second.load_state_dict(torch.load(path))
+    for _ in range(3):
+        model(torch.randn(8, 4))
+    results = second.add_saturations()
+    samples = torch.cat(capture.outputs)[:40].numpy()
+    assert results["train-covariance-trace_2"] == pytest.approx(np.trace(population_cov(samples)), rel=1e-6)
+    second.close()
+
+
+def test_tracker_state_of_other_layers_is_refused(tmp_path):
+    tracker = SaturationTracker(str(tmp_path / "a"), "csv", nn.Sequential(nn.Linear(2, 2)))
+    other = SaturationTracker(str(tmp_path / "b"), "csv", nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="missing"):
+        tracker.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="version"):
+        tracker.load_state_dict({"version": 99})
+    tracker.close()
+    other.close()
+
+
+def test_unwritable_savefile_fails_at_construction(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        SaturationTracker(str(blocker / "run"), "csv", nn.Linear(2, 2))
+
+
+def test_full_disk_warns_and_keeps_rows_for_the_next_save(tmp_path, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    import delve.writers.csv as csv_module
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    tracker = SaturationTracker(str(tmp_path / "run"), "csv", model)
+    model(torch.randn(5, 3))
+    tracker.add_saturations()
+    real_append = csv_module.append_bytes
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv_module, "append_bytes", full_disk)
+    model(torch.randn(5, 3))
+    with pytest.warns(RuntimeWarning, match="could not save epoch 1"):
+        tracker.add_saturations()
+    monkeypatch.setattr(csv_module, "append_bytes", real_append)
+    model(torch.randn(5, 3))
+    tracker.add_saturations()
+    tracker.close()
+    frame = pd.read_csv(str(tmp_path / "run.csv"), sep=";", index_col=0)
+    assert list(frame.index) == [0, 1, 2] and frame["train-saturation_0"].notna().all()

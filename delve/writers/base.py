@@ -157,8 +157,15 @@ class CompositWriter(AbstractWriter):
             writer.add_scalars(prefix, value_dict, **kwargs)
 
     def save(self) -> None:
+        """Save every writer, even when one fails; the first failure is raised afterwards."""
+        failure: OSError | None = None
         for writer in self.writers:
-            writer.save()
+            try:
+                writer.save()
+            except OSError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         for writer in self.writers:

@@ -119,10 +119,15 @@ class CSVWriter(AbstractWriter):
         self.rows.append(row)
         self.current = {}
         self.epoch += 1
-        if self._written_columns == self.columns and os.path.exists(self.path):
-            append_bytes(self.path, self._encode([row], header=False))
-        else:
-            self._rewrite()
+        try:
+            if self._written_columns == self.columns and os.path.exists(self.path):
+                append_bytes(self.path, self._encode([row], header=False))
+            else:
+                self._rewrite()
+        except OSError:
+            # The rows stay in memory; the next save rewrites the whole file with them.
+            self._written_columns = None
+            raise
 
     def close(self) -> None:
         """Nothing stays open between saves; kept for the writer interface."""
