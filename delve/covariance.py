@@ -496,6 +496,10 @@ class TorchCovarianceMatrix:
         for start in range(0, m2.shape[0], rows):
             m2[start : start + rows].add_(gram[start : start + rows].to(m2.dtype))
 
+    def flush(self) -> None:
+        """Fold staged rows into the float64 state now; reading the state does this anyway."""
+        self._fold()
+
     def _save_rows(self, x: torch.Tensor) -> None:
         rows = x.permute(0, 2, 1).reshape(-1, x.shape[1]) if x.ndim == 3 else x
         rows = rows[: self.max_saved_samples - self._num_saved].to(torch.float32).clone()
