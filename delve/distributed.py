@@ -59,6 +59,11 @@ def _dist() -> Any:
     return dist
 
 
+def _initialized() -> bool:
+    """Whether this build has ``torch.distributed`` and a default process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def is_distributed(group: Optional[Any] = None) -> bool:
     """Whether a ``torch.distributed`` process group of more than one process is initialised.
 
@@ -76,9 +81,7 @@ def is_distributed(group: Optional[Any] = None) -> bool:
     >>> is_distributed()
     False
     """
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    return _dist().get_world_size(group) > 1
+    return _initialized() and _dist().get_world_size(group) > 1
 
 
 def get_rank(group: Optional[Any] = None) -> int:
@@ -93,9 +96,7 @@ def get_rank(group: Optional[Any] = None) -> int:
     -------
     int
     """
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return 0
-    return _dist().get_rank(group)
+    return _dist().get_rank(group) if _initialized() else 0
 
 
 def is_main_process(group: Optional[Any] = None) -> bool:
