@@ -351,6 +351,12 @@ def test_null_writer_drops_everything() -> None:
         writer.flush_everything
 
 
+def test_null_writer_lives_with_the_writers() -> None:
+    from delve.writers.base import AbstractWriter, NullWriter as BaseNullWriter
+
+    assert NullWriter is BaseNullWriter and issubclass(NullWriter, AbstractWriter)
+
+
 def test_state_dict_round_trip(tmp_path) -> None:
     rows = make_data()[:60]
     acc = _accumulator(rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 STATMAP: Dict[str, str] = {
     "idim": "intrinsic-dimensionality",
@@ -170,3 +170,43 @@ class CompositWriter(AbstractWriter):
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+
+class NullWriter(AbstractWriter):
+    """A writer that drops everything: what ranks other than 0 get, so that they never touch files.
+
+    Every ``add_*`` method (also backend-specific ones such as ``add_histogram``)
+    exists and does nothing.
+
+    Examples
+    --------
+    >>> writer = NullWriter()
+    >>> writer.add_scalar("loss", 0.5); writer.add_histogram("w", [1, 2]); writer.save()
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def resume_from_saved_state(self, initial_epoch: int) -> None:
+        """Nothing to resume."""
+
+    def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Drop the value."""
+
+    def add_scalars(self, prefix: str, value_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        """Drop the values."""
+
+    def save(self) -> None:
+        """Nothing to persist."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("add_"):
+            return _ignore
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
