@@ -47,6 +47,21 @@ def check_saturation_columns(frame, layers, modes):
             assert len(values) and values.between(0, 1).all() and (values > 0).all()
 
 
+def check_rows_against_numpy(frame, recorder, epochs=(0, 1), layer="net-0", width=8):
+    """Each row's trace, intrinsic dimensionality and saturation of ``layer`` against numpy on the recorded outputs.
+
+    Every epoch must have recorded exactly the training and validation samples (``N_TRAIN``, ``N_VAL``).
+    """
+    for epoch in epochs:
+        for mode, samples in (("train", N_TRAIN), ("eval", N_VAL)):
+            outputs = recorder.outputs[epoch, mode]
+            assert sum(len(o) for o in outputs) == samples
+            trace, idim = reference_stats(outputs)
+            assert frame.loc[epoch, f"{mode}-covariance-trace_{layer}"] == pytest.approx(trace, rel=1e-5)
+            assert frame.loc[epoch, f"{mode}-intrinsic-dimensionality_{layer}"] == idim
+            assert frame.loc[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(idim / width)
+
+
 def test_core_import_does_not_load_frameworks():
     code = (
         "import sys, delve, delve.pca_layers; "
@@ -160,14 +175,7 @@ def test_lightning_rows_match_numpy_on_the_same_activations(tmp_path):
     frame = read_csv(savefile)
     assert list(frame.index) == [0, 1]
     check_saturation_columns(frame, ["net-0", "net-2"], ["train", "eval"])
-    for epoch in (0, 1):
-        for mode, samples in (("train", N_TRAIN), ("eval", N_VAL)):
-            outputs = recorder.outputs[epoch, mode]
-            assert sum(len(o) for o in outputs) == samples  # the sanity check is not part of any row
-            trace, idim = reference_stats(outputs)
-            assert frame.loc[epoch, f"{mode}-covariance-trace_net-0"] == pytest.approx(trace, rel=1e-5)
-            assert frame.loc[epoch, f"{mode}-intrinsic-dimensionality_net-0"] == idim
-            assert frame.loc[epoch, f"{mode}-saturation_net-0"] == pytest.approx(idim / 8)
+    check_rows_against_numpy(frame, recorder)  # the sanity check is not part of any row
     # The same numbers reached the trainer's loggers.
     logged_last = trainer.callback_metrics["delve/eval-saturation_net-0"].item()
     assert logged_last == pytest.approx(frame.loc[1, "eval-saturation_net-0"])
@@ -308,13 +316,7 @@ def test_huggingface_rows_match_numpy_on_the_same_activations(tmp_path):
     frame = read_csv(savefile)
     assert list(frame.index) == [0, 1]
     check_saturation_columns(frame, ["net-0", "net-2"], ["train", "eval"])
-    for epoch in (0, 1):
-        for mode, samples in (("train", N_TRAIN), ("eval", N_VAL)):
-            outputs = recorder.outputs[epoch, mode]
-            assert sum(len(o) for o in outputs) == samples
-            trace, idim = reference_stats(outputs)
-            assert frame.loc[epoch, f"{mode}-covariance-trace_net-0"] == pytest.approx(trace, rel=1e-5)
-            assert frame.loc[epoch, f"{mode}-intrinsic-dimensionality_net-0"] == idim
+    check_rows_against_numpy(frame, recorder)
     rows = [entry for entry in trainer.state.log_history if ROW_KEY in entry]
     assert [entry[ROW_KEY] for entry in rows] == [0, 1]
     for entry in rows:
