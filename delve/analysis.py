@@ -20,8 +20,10 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import pandas as pd
 
-MODES = ("train", "eval")
-SATURATION = "saturation"
+from delve.writers.base import MODES, STATMAP
+
+#: Output name of the saturation statistic, the default of the functions here.
+SATURATION = STATMAP["lsat"]
 
 Run = Union[str, "os.PathLike[str]", pd.DataFrame, Any]
 
