@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from delve.adapters import AdapterOptions, recurrent_samples
 from delve.layers import find_layers
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LayerSpec = Union[None, Sequence[str], Mapping[str, nn.Module], Any]
 
@@ -310,8 +313,18 @@ def _accuracy(
     return {name: correct[name].item() / seen[name] if seen[name] else float("nan") for name in probes}
 
 
-def probes_to_frame(results: Mapping[str, ProbeResult]):
+def probes_to_frame(results: Mapping[str, ProbeResult]) -> pd.DataFrame:
     """The probe results as a :class:`pandas.DataFrame`, one row per layer.
+
+    Parameters
+    ----------
+    results : mapping of str to ProbeResult
+        What :func:`linear_probes` returns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by layer name, one column per field of :class:`ProbeResult`.
 
     Examples
     --------
