@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -96,20 +95,17 @@ def _probe_frame(run_folder: str, probes: Any) -> Optional[pd.DataFrame]:
 
 # ---------------------------------------------------------------------- figures
 def _png(figure: Any) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    from delve.writers.plotting import png_bytes
+
+    data = png_bytes(figure)
     figure.clear()
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(data).decode("ascii")
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
+    from delve.writers.plotting import new_figure
 
-    figure = Figure(figsize=(width, height), layout="constrained")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    return figure
+    return new_figure(width, height, layout="constrained")
 
 
 def _mark_layer_labels(labels: Sequence[Any], ctx: _Context) -> None:

@@ -34,14 +34,25 @@ _AXIS_LABELS = {
 _DPI = 110
 
 
-def new_figure(width: float, height: float) -> Any:
-    """A figure outside pyplot, rendered with Agg (the user's backend is left alone)."""
+def new_figure(width: float, height: float, layout: Optional[str] = None) -> Any:
+    """A figure outside pyplot, rendered with Agg (the user's backend is left alone).
+
+    ``width`` and ``height`` are in inches; ``layout`` is matplotlib's layout
+    engine (``'constrained'``), ``None`` for none.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=_DPI)
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure
+
+
+def png_bytes(figure: Any) -> bytes:
+    """``figure`` as PNG bytes, cut to its content."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def save_figure(figure: Any, path: str) -> None:
@@ -50,9 +61,7 @@ def save_figure(figure: Any, path: str) -> None:
     Figures made by :func:`new_figure` live outside pyplot: nothing needs closing,
     the figure is freed with its last reference.
     """
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue(), durable=False)
+    atomic_write_bytes(path, png_bytes(figure), durable=False)
 
 
 def stat_label(stat: str) -> str:
