@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import pandas as pd
 
+from delve.metrics import check_share
 from delve.writers.base import MODES, STATMAP
 
 #: Output name of the saturation statistic, the default of the functions here.
@@ -200,8 +201,7 @@ def find_tail(
     >>> find_tail(pd.DataFrame({f"train-saturation_{k}": [.5] for k in sats}))
     []
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    check_share("ratio", ratio)
     if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not 0 <= min_gap <= 1:
         raise ValueError(f"min_gap must be a number in [0, 1], got {min_gap!r}")
     frame = load_run(run)

@@ -111,11 +111,6 @@ def _check_positive_int(parameter: str, value: Any) -> None:
         raise ValueError(f"{parameter} must be an int >= 1, got {value!r}")
 
 
-def _check_threshold(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"sat_threshold must be a number in (0, 1], got {value!r}")
-
-
 def is_torch_backend() -> bool:
     """Whether Keras runs on the torch backend, where its layers are torch modules."""
     return keras.backend.backend() == "torch"
@@ -362,7 +357,7 @@ class SaturationLogger(keras.callbacks.Callback):
             raise ValueError("input_data must be the data to pass through the model, got None")
         _check_positive_int("print_freq", print_freq)
         _check_positive_int("batch_size", batch_size)
-        _check_threshold(sat_threshold)
+        metrics.check_share("sat_threshold", sat_threshold)
         options = AdapterOptions(conv_method=conv_method)
         layers = keras_layers(model, include_conv=include_conv, nested=False)
         if not layers:

@@ -17,7 +17,7 @@ and the saturation is :math:`\\operatorname{idim}_\\delta(Q) / d`.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,40 @@ def _as_float64(cov: MatrixLike) -> torch.Tensor:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"cov must be a square matrix, got shape {tuple(matrix.shape)}")
     return matrix.to(torch.float64)
+
+
+def check_share(parameter: str, value: Any) -> float:
+    """Check a share of the variance given to a constructor: a number in ``(0, 1]``.
+
+    Parameters
+    ----------
+    parameter : str
+        Name of the parameter, for the error message.
+    value : int or float
+        The value given.
+
+    Returns
+    -------
+    float
+        ``value`` as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not an int or float in ``(0, 1]`` (``bool`` is refused).
+
+    Examples
+    --------
+    >>> check_share("thresh", 0.99)
+    0.99
+    >>> check_share("thresh", 1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: thresh must be a number in (0, 1], got 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{parameter} must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _check_threshold(thresh: float) -> None:

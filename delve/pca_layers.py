@@ -92,12 +92,6 @@ def rvs(dim: int = 3, random_state: RandomState = None) -> np.ndarray:
     return q
 
 
-def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    return float(threshold)
-
-
 def _check_downsampling(downsampling: Optional[int]) -> Optional[int]:
     if downsampling is not None and (
         isinstance(downsampling, bool) or not isinstance(downsampling, int) or downsampling < 1
@@ -171,7 +165,7 @@ class LinearPCALayer(nn.Module):
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
-        threshold = _check_threshold(threshold)
+        threshold = metrics.check_share("threshold", threshold)
         dim = in_features
         self.register_buffer("_threshold", torch.tensor(threshold, dtype=torch.float64))
         self.register_buffer("_centering", torch.tensor(bool(centering)))
@@ -207,7 +201,7 @@ class LinearPCALayer(nn.Module):
 
     @threshold.setter
     def threshold(self, threshold: float) -> None:
-        self._threshold_value = _check_threshold(threshold)
+        self._threshold_value = metrics.check_share("threshold", threshold)
         self._threshold.fill_(self._threshold_value)
         self._refresh(decompose=False)
 
@@ -518,7 +512,7 @@ def change_all_pca_layer_thresholds(
     >>> change_all_pca_layer_thresholds(0.5, net)
     ([0.0], [0], [3], ['Lin-0'])
     """
-    threshold = _check_threshold(threshold)
+    threshold = metrics.check_share("threshold", threshold)
     sat, in_dims, fs_dims, names = [], [], [], []
     for name, module in _pca_layers(network):
         module.threshold = threshold

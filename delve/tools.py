@@ -100,10 +100,8 @@ def reconstruct_csv_from_npy_data(
     [{'train-saturation_fc': 0.3333333333333333, 'train-intrinsic-dimensionality_fc': 1}]
     """
     keys = _normalize_stats(stats)
-    if thresh is not None and (
-        isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0.0 < thresh <= 1.0
-    ):
-        raise ValueError(f"thresh must be None or a number in (0, 1], got {thresh!r}")
+    if thresh is not None:
+        metrics.check_share("thresh", thresh)
     names, values = load_npy_run(npywriter_out_path)
     if not values:
         raise FileNotFoundError(f"{npywriter_out_path!r} holds no file written by the npy writer")
