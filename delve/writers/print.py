@@ -1,8 +1,8 @@
 """Console output as plain ``name: value`` lines."""
 from __future__ import annotations
 
-from typing import Any, Mapping, TextIO, Optional
 import sys
+from typing import Any, Mapping, Optional, TextIO
 
 import numpy as np
 
@@ -18,6 +18,13 @@ class PrintWriter(AbstractWriter):
     ----------
     stream : file-like, optional
         Where to print; ``sys.stdout`` by default.
+
+    Examples
+    --------
+    >>> writer = PrintWriter()
+    >>> writer.add_scalars("", {"train-saturation_fc": 0.25, "train-covariance-matrix_fc": np.eye(2)})
+    train-saturation_fc: 0.25
+    train-covariance-matrix_fc: array of shape (2, 2)
     """
 
     def __init__(self, stream: Optional[TextIO] = None, **kwargs: Any) -> None:
@@ -27,6 +34,7 @@ class PrintWriter(AbstractWriter):
         """Printing keeps no state."""
 
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Print ``name: value`` now (floats to 6 significant digits, arrays as their shape)."""
         if isinstance(value, np.ndarray) and value.ndim > 0:
             value = f"array of shape {value.shape}"
         elif isinstance(value, float):
@@ -34,6 +42,7 @@ class PrintWriter(AbstractWriter):
         print(f"{name}: {value}", file=self.stream or sys.stdout)
 
     def add_scalars(self, prefix: str, value_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        """Print every value of ``value_dict`` under ``prefix + name``."""
         for name, value in value_dict.items():
             self.add_scalar(prefix + name, value)
 
