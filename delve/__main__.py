@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from delve.analysis import find_tail
+from delve.analysis import MODES, find_tail
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tail_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["train", "eval"], help="which saturation to judge (default: train)")
+    parser.add_argument("--mode", choices=MODES, help="which saturation to judge (default: train)")
     parser.add_argument("--ratio", type=float, default=0.7,
                         help="tail layers sit at most RATIO x the median of the layers before them (default 0.7)")
     parser.add_argument("--min-gap", type=float, default=0.2, help="and at least MIN_GAP below it (default 0.2)")

@@ -70,6 +70,14 @@ def find_layers(modules: ModuleSpec, include_conv: bool = True) -> "OrderedDict[
     ------
     TypeError
         If ``modules`` (or an element of it) is not a ``torch.nn.Module``.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    >>> list(find_layers(net)), list(find_layers(net, include_conv=False))
+    (['0', '3'], ['3'])
+    >>> list(find_layers([nn.Linear(2, 2), net]))
+    ['Module-0-Linear', '0', '3']
     """
     entries: List[nn.Module] = [modules] if isinstance(modules, nn.Module) else list(modules)
     for entry in entries:
