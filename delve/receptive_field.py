@@ -326,10 +326,6 @@ def trace_receptive_fields(model: nn.Module, input_size: InputSize) -> "OrderedD
     return result
 
 
-def _scalar(values: Axes) -> float:
-    return max(values)
-
-
 def receptive_fields(model: nn.Module, input_size: InputSize, per_axis: bool = False) -> "OrderedDict[str, Any]":
     """Receptive field size of every tracked layer's output.
 
@@ -356,7 +352,7 @@ def receptive_fields(model: nn.Module, input_size: InputSize, per_axis: bool = F
     """
     traced = trace_receptive_fields(model, input_size)
     return OrderedDict(
-        (name, layer.receptive_field if per_axis else _scalar(layer.receptive_field)) for name, layer in traced.items()
+        (name, layer.receptive_field if per_axis else max(layer.receptive_field)) for name, layer in traced.items()
     )
 
 
