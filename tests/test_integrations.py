@@ -234,6 +234,10 @@ def test_lightning_callback_rejects_bad_options(tmp_path):
         SaturationCallback(str(tmp_path / "x"), sat_treshold=0.9)
     with pytest.raises(ValueError, match="every_n_steps"):
         SaturationCallback(str(tmp_path / "x"), every_n_steps=0)
+    callback = SaturationCallback(str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="version 99; this delve reads version 1"):
+        callback.load_state_dict({"version": 99, "rows_written": 3})
+    callback.load_state_dict(callback.state_dict())
 
 
 # ----------------------------------------------------------------- Hugging Face

@@ -151,7 +151,9 @@ class SaturationCallback(pl.Callback):
         """Continue at the row after the checkpoint's last one."""
         version = state_dict.get("version")
         if version != _STATE_VERSION:
-            raise ValueError(f"unsupported SaturationCallback state version {version!r}")
+            raise ValueError(
+                f"unsupported SaturationCallback state version {version!r}; this delve reads version {_STATE_VERSION}"
+            )
         self.driver.rows_written = int(state_dict["rows_written"])
 
 
