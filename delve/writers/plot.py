@@ -154,8 +154,7 @@ class CSVandPlottingWriter(CSVWriter):
         title = f"{self.run_name}: {plotting.stat_label(stat)} per layer ({mode}), epoch {epoch}"
         metric = row.get(self.primary_metric) if self.primary_metric else None
         if metric is not None:
-            shown = f"{metric:.4g}" if isinstance(metric, float) else str(metric)
-            title += f" ({self.primary_metric} {shown})"
+            title += f" ({self.primary_metric} {plotting.metric_text(metric)})"
         plotting.draw_profile(ax, layers, values, stat, title, fontsize=self.fontsize,
                               ylim=(0.0, 1.0) if stat == "lsat" else None,
                               color_line=plotting.MODE_COLORS[mode], mean_line=stat == "lsat" and len(layers) > 1)

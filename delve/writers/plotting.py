@@ -237,10 +237,20 @@ def draw_embedding(
 
 
 # ---------------------------------------------------------------- 0.1.50 API
+def metric_text(value: Any) -> str:
+    """A user metric as shown in figures: floats to 4 significant digits, anything else as ``str``.
+
+    Examples
+    --------
+    >>> metric_text(0.912345), metric_text(3)
+    ('0.9123', '3')
+    """
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def draw_metric(ax: Any, name: str, value: Any, loc: Tuple[float, float], fontsize: float) -> None:
     """Write ``name: value`` in a box at ``loc`` (axes coordinates)."""
-    text = f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}"
-    ax.text(*loc, text, transform=ax.transAxes, va="top", fontsize=fontsize,
+    ax.text(*loc, f"{name}: {metric_text(value)}", transform=ax.transAxes, va="top", fontsize=fontsize,
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
 
 
