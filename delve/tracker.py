@@ -17,9 +17,8 @@ from delve.adapters import Adapter, AdapterOptions, find_adapter
 from delve.covariance import TorchCovarianceMatrix
 from delve.layers import ModuleSpec, find_layers
 from delve.writers import SaveTo, build_writer, check_save_to
-from delve.writers.base import STATMAP, AbstractWriter
+from delve.writers.base import MODES, STATMAP, AbstractWriter
 
-MODES = ("train", "eval")
 _STATE_VERSION = 1
 
 #: Statistic keys accepted by ``stats``; their output names are in :data:`delve.writers.STATMAP`.
@@ -224,10 +223,7 @@ class SaturationTracker:
         self._handles: Dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._closed = False
         self.stats = _normalize_stats(stats)
-        if isinstance(sat_threshold, bool) or not isinstance(sat_threshold, (int, float)) or not (
-            0.0 < sat_threshold <= 1.0
-        ):
-            raise ValueError(f"sat_threshold must be a number in (0, 1], got {sat_threshold!r}")
+        metrics.check_share("sat_threshold", sat_threshold)
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
             raise ValueError(f"log_interval must be an int >= 1, got {log_interval!r}")
         if max_samples is not None and (
