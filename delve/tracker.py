@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from delve import distributed, metrics
-from delve.adapters import Adapter, AdapterOptions, find_adapter
-from delve.covariance import TorchCovarianceMatrix
+from delve.adapters import Adapter, AdapterOptions, check_layer_memory, find_adapter
+from delve.covariance import TorchCovarianceMatrix, resolve_sample_rows
 from delve.layers import ModuleSpec, find_layers
 from delve.writers import SaveTo, build_writer, check_save_to
 from delve.writers.base import MODES, STATMAP, AbstractWriter
@@ -184,6 +184,20 @@ class SaturationTracker:
         than ``interpolation_downsampling`` are resized before recording.
     interpolation_downsampling : int
         Target resolution of that resizing.
+    sample_rows : None, bool or int
+        Rows of each batch a layer records, drawn uniformly at random without
+        replacement and weighted so that the mean and second moment stay
+        unbiased (the covariance up to a term of order 1/rows kept). ``None``
+        (default) records every row: exact statistics. ``True`` keeps
+        :data:`delve.covariance.DEFAULT_SAMPLE_ROWS` rows per batch, which
+        brings most models within a few percent of untracked training (see
+        ``benchmarks/overhead.py``); an int ``m >= 2`` keeps ``m`` rows.
+    memory_budget : int, optional
+        Most bytes one layer's covariance may take per mode (about ``16 d^2``
+        for ``d`` features). A layer above it is refused with a ValueError that
+        names it, at construction when its width is known (for ``flatten``, at
+        its first batch: the layer is then disabled with a warning). Default
+        1 GiB; ``None`` means no limit.
 
     Examples
     --------
@@ -219,6 +233,8 @@ class SaturationTracker:
         initial_epoch: int = 0,
         interpolation_strategy: Optional[str] = None,
         interpolation_downsampling: int = 32,
+        sample_rows: Union[None, bool, int] = None,
+        memory_budget: Optional[int] = 2**30,
     ) -> None:
         self._handles: Dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._closed = False
@@ -232,6 +248,12 @@ class SaturationTracker:
             raise ValueError(f"max_samples must be None or an int >= 1, got {max_samples!r}")
         if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
             raise ValueError(f"initial_epoch must be an int >= 0, got {initial_epoch!r}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+        ):
+            raise ValueError(f"memory_budget must be None or an int >= 1 (bytes), got {memory_budget!r}")
+        self.sample_rows = resolve_sample_rows(sample_rows)
+        self.memory_budget = memory_budget
         check_save_to(save_to)
         self.options = AdapterOptions(
             conv_method=conv_method,
@@ -269,10 +291,11 @@ class SaturationTracker:
                 "and their cells, MultiheadAttention, and types added with delve.register_adapter"
             )
         self._layer_states: Dict[str, _LayerState] = {}
-        for name, layer in self.layers.items():
+        for index, (name, layer) in enumerate(self.layers.items()):
+            check_layer_memory(name, layer, self.options, memory_budget)
             self._layer_states[name] = _LayerState(
                 adapter=find_adapter(layer),
-                modes={mode: _ModeState(self._new_accumulator()) for mode in MODES},
+                modes={mode: _ModeState(self._new_accumulator(name, index)) for mode in MODES},
             )
 
         writer_args = dict(writer_args or {})
@@ -293,8 +316,15 @@ class SaturationTracker:
             self._handles[name] = layer.register_forward_hook(_RecordingHook(self, name))
 
     # ------------------------------------------------------------- recording
-    def _new_accumulator(self) -> TorchCovarianceMatrix:
-        return TorchCovarianceMatrix(device=self.device, save_data="embed" in self.stats)
+    def _new_accumulator(self, name: str, index: int) -> TorchCovarianceMatrix:
+        return TorchCovarianceMatrix(
+            device=self.device,
+            save_data="embed" in self.stats,
+            sample_rows=self.sample_rows,
+            seed=index,
+            memory_budget=self.memory_budget,
+            name=name,
+        )
 
     def _record(self, name: str, module: nn.Module, output: Any) -> None:
         """Hot path: turn one forward pass's output into samples and accumulate them."""

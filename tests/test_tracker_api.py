@@ -14,7 +14,7 @@ from torch import nn
 import delve
 from delve import CheckLayerSat, SaturationTracker, TorchCovarianceMatrix, register_adapter
 from delve.adapters import unregister_adapter
-from reference import population_cov
+from reference import Capture, population_cov
 
 PARAMETERS_0150 = OrderedDict(
     savefile=inspect.Parameter.empty,
@@ -44,7 +44,8 @@ PARAMETERS_0150 = OrderedDict(
 
 def test_constructor_keeps_names_order_and_defaults_of_0150():
     parameters = inspect.signature(SaturationTracker.__init__).parameters
-    assert list(parameters)[1:] == list(PARAMETERS_0150)
+    assert list(parameters)[1 : len(PARAMETERS_0150) + 1] == list(PARAMETERS_0150)
+    assert all(p.default is not inspect.Parameter.empty for p in list(parameters.values())[len(PARAMETERS_0150) + 1 :])
     for name, default in PARAMETERS_0150.items():
         actual = parameters[name].default
         if name == "layer_filter":
@@ -392,3 +393,22 @@ def test_import_delve_does_not_import_heavy_optional_packages():
     code = "import sys, delve; print(sorted(m for m in ('matplotlib', 'tensorboardX', 'pandas', 'lightning', 'transformers', 'keras') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=delve.__path__[0] + "/..")
     assert out.stdout.strip() == "[]"
+
+
+def test_sample_rows_keeps_statistics_close_and_memory_budget_refuses_wide_layers(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    capture = Capture(layer)
+    exact = SaturationTracker(str(tmp_path / "a"), "csv", layer, stats=["trc"], sample_rows=64)
+    layer(torch.randn(48, 4))
+    # every batch is smaller than sample_rows: the sampled statistics are exact
+    assert exact.add_saturations()["train-covariance-trace_Module-0-Linear"] == pytest.approx(
+        np.trace(population_cov(capture.outputs[0].numpy())), rel=1e-6
+    )
+    exact.close()
+    with pytest.raises(ValueError, match="sample_rows"):
+        SaturationTracker(str(tmp_path / "b"), "csv", layer, sample_rows=1)
+    with pytest.raises(ValueError, match="memory_budget"):
+        SaturationTracker(str(tmp_path / "c"), "csv", layer, memory_budget=0)
+    with pytest.raises(ValueError, match="Module-0-Linear"):
+        SaturationTracker(str(tmp_path / "d"), "csv", nn.Linear(2, 4096), memory_budget=2**20)
