@@ -473,11 +473,15 @@ class SaturationTracker:
 
     def reset(self) -> None:
         """Forget every recorded sample and restart the per-epoch counters."""
+        self._reset(accumulators=True)
+
+    def _reset(self, accumulators: bool) -> None:
+        """Restart the per-epoch counters (``log_interval``, ``max_samples``), and the samples if asked."""
         for layer_state in self._layer_states.values():
             for state in layer_state.modes.values():
-                state.accumulator.reset()
-                state.calls = 0
-                state.rows = 0
+                if accumulators:
+                    state.accumulator.reset()
+                state.calls = state.rows = 0
 
     def add_saturations(self, save: bool = True) -> Dict[str, Any]:
         """Compute the statistics of this epoch, send them to the writers and (by default) save.
@@ -502,12 +506,7 @@ class SaturationTracker:
         if self.verbose and distributed.is_main_process():
             self._print_saturations(results)
         self.last_results = results
-        if self.reset_covariance:
-            self.reset()
-        else:
-            for layer_state in self._layer_states.values():
-                for state in layer_state.modes.values():
-                    state.calls = state.rows = 0
+        self._reset(accumulators=self.reset_covariance)
         if save:
             self.save()
         return results
