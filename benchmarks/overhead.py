@@ -10,6 +10,8 @@ For each model it trains a fixed number of steps (SGD, random data) untracked,
 tracked by :class:`delve.SaturationTracker` with every layer at full rate, and
 tracked with row sampling (``sample_rows``). The configurations alternate
 within every repeat, in a rotating order, so that the machine's drift cancels;
+the trackers keep accumulating across runs, as within an epoch, so work they
+defer to a later step is timed in a later run;
 the table gives medians over repeats of the mean time per step, the overhead
 (the median over repeats of tracked / untracked - 1, both runs of a ratio from
 the same repeat), the time of one ``add_saturations()``, the peak
@@ -103,7 +105,12 @@ class TransformerClassifier(nn.Module):
 
 
 def build(name: str, batch: Optional[int] = None) -> Tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
-    """Model, a batch of inputs and targets, and the steps of one timed run."""
+    """Model, a batch of inputs and targets, and the steps of one timed run.
+
+    A run is long enough to hold whole cycles of the work a tracker defers
+    (staged rows become one GEMM every few steps; pending GEMMs are folded into
+    float64 every 16), so that the median over runs does not skip it.
+    """
     torch.manual_seed(0)
     if name == "mlp":
         layers: List[nn.Module] = []
@@ -113,13 +120,13 @@ def build(name: str, batch: Optional[int] = None) -> Tuple[nn.Module, torch.Tens
         return nn.Sequential(*layers[:-1]), torch.randn(batch, 1024), torch.randint(1024, (batch,)), 32
     if name == "cnn":
         batch = batch or 8
-        return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,)), 2
+        return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,)), 16
     if name == "lstm":
         batch = batch or 32
-        return LSTMClassifier(), torch.randn(batch, 50, 64), torch.randint(10, (batch,)), 6
+        return LSTMClassifier(), torch.randn(batch, 50, 64), torch.randint(10, (batch,)), 16
     if name == "transformer":
         batch = batch or 8
-        return TransformerClassifier(), torch.randn(batch, 128, 256), torch.randint(10, (batch,)), 2
+        return TransformerClassifier(), torch.randn(batch, 128, 256), torch.randint(10, (batch,)), 16
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
 
 
@@ -175,22 +182,14 @@ def train_steps(
     data: torch.Tensor,
     target: torch.Tensor,
     steps: int,
-    tracker: Any = None,
 ) -> float:
-    """Mean seconds per training step over ``steps`` steps.
-
-    Work a tracker deferred (rows staged for a later GEMM) is done inside the
-    timed region, so that it counts against the steps that caused it.
-    """
+    """Mean seconds per training step over ``steps`` steps."""
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(data), target).backward()
         optimizer.step()
-    for layer_state in getattr(tracker, "_layer_states", {}).values():
-        for mode_state in layer_state.modes.values():
-            mode_state.accumulator.flush()
     return (time.perf_counter() - start) / steps
 
 
@@ -239,7 +238,7 @@ def time_model(name: str, impl: str, configs: Tuple[str, ...], repeats: int, sam
     held: Dict[str, int] = {}
     folder = tempfile.mkdtemp(prefix="delve-overhead-")
     # One tracker per tracked configuration for the whole run, each on its own copy of the model
-    # (delve 0.1.50 cannot remove its hooks); add_saturations() after every timed run resets it.
+    # (delve 0.1.50 cannot remove its hooks).
     trackers = {
         config: make_tracker(impl, models[config], os.path.join(folder, config), sample_rows if config == "sampled" else None)
         for config in configs
@@ -249,16 +248,20 @@ def time_model(name: str, impl: str, configs: Tuple[str, ...], repeats: int, sam
         train_steps(models[config], optimizers[config], data, target, 1)
         if config in trackers:
             trackers[config].add_saturations()
+    # Like training between two epochs: the trackers keep accumulating across the timed runs, so
+    # work they defer (staged rows, folds into float64) lands in later runs of the same
+    # configuration, as it would in later steps of an epoch.
     for repeat in range(repeats):
         shift = repeat % len(configs)
         for config in configs[shift:] + configs[:shift]:
-            tracker = trackers.get(config) if impl == "ours" else None
-            times[config].append(train_steps(models[config], optimizers[config], data, target, steps, tracker))
-            if config in trackers:
-                held[config] = state_bytes(trackers[config])
-                start = time.perf_counter()
-                trackers[config].add_saturations()
-                saturation_times[config].append(time.perf_counter() - start)
+            times[config].append(train_steps(models[config], optimizers[config], data, target, steps))
+    for config, tracker in trackers.items():  # add_saturations() after a run of steps, as at an epoch's end
+        for _ in range(3):
+            train_steps(models[config], optimizers[config], data, target, steps)
+            held[config] = state_bytes(tracker)
+            start = time.perf_counter()
+            tracker.add_saturations()
+            saturation_times[config].append(time.perf_counter() - start)
     if impl == "ours":
         for tracker in trackers.values():
             tracker.close()

@@ -9,16 +9,20 @@ Training", arXiv 2006.08679).
 
 How a batch gets in, cheaply and without losing precision:
 
-1. The batch's mean in the working precision (float32, or float64 for float64
-   activations) is the shift :math:`s_b`; the rows are centered on it and the
-   exact float64 mean :math:`\mu_b = s_b + e_b` follows from the sum of the
-   centered rows.
-2. The Gram matrix :math:`G = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM in
-   the working precision. A convolution's ``(b, c, positions)`` output is
-   centered straight into a channel-major copy, so the GEMM needs no transposed
-   copy. Batches with fewer rows than features are staged in a buffer first,
-   so that one GEMM covers many of them (a GEMM over few rows is slow).
-3. Each GEMM's result is folded into the float64 state, exactly:
+1. A batch of at least half a staging buffer of rows (``max(d, 1024)``) is
+   centered on its mean in the working precision (float32, or float64 for
+   float64 activations), the shift :math:`s_b`, and its Gram matrix
+   :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. A convolution's
+   ``(b, c, positions)`` output is centered straight into a channel-major copy,
+   so the GEMM needs no transposed copy. The exact float64 mean
+   :math:`\mu_b = s_b + e_b` follows from the sum of the centered rows.
+2. Smaller batches are only copied into the staging buffer; when it is full,
+   its rows are centered on their common mean and become one GEMM (a GEMM
+   over few rows is slow, and a small batch then costs one copy).
+3. From ``256`` features on, a GEMM computes only the column blocks on and
+   below the diagonal of the symmetric :math:`G`.
+4. The Gram matrices of up to 16 GEMMs are summed in the working precision;
+   then they are folded into the float64 state, exactly:
 
    .. math::
 
@@ -27,13 +31,12 @@ How a batch gets in, cheaply and without losing precision:
 
    followed by Chan's parallel update
    :math:`M_2 \leftarrow M_2 + M_{2,w} + \tfrac{n\, n_w}{n + n_w}\,\delta\delta^T`,
-   :math:`\delta = \mu_w - \mu`, where :math:`w` are the batches of that GEMM.
-   The rank-one terms go through one small float64 GEMM, so the float64 work
-   on the :math:`d \times d` matrix is a few passes per GEMM of at least
-   :math:`d` rows.
+   :math:`\delta = \mu_w - \mu`, where :math:`w` are the GEMMs folded. The
+   rank-one terms go through one small float64 GEMM, so the float64 work on
+   the :math:`d \times d` matrix is a few passes per 16 GEMMs.
 
 Updates never synchronise with the device: a batch holding NaN or Inf (or
-values whose squares overflow the working precision) is zeroed through a
+values whose squares overflow the working precision) is left out through a
 device-side mask and counted in ``num_skipped_batches``.
 
 Sampling (``sample_rows=m``) keeps ``m`` rows of each batch, drawn uniformly at
@@ -63,6 +66,52 @@ DEFAULT_SAMPLE_ROWS = 32
 #: Elements per chunk when the working-precision buffer is added to the float64 state.
 _FOLD_CHUNK = 1 << 16
 
+#: Pending entries (GEMMs) summed in the working-precision Gram matrix before a fold into float64.
+_MAX_ENTRIES = 16
+
+#: Rows the staging buffer holds at least; batches of at most half of its rows are staged.
+_MIN_STAGED_ROWS = 1024
+
+#: Column-block width of the lower block triangle of a Gram matrix; narrower matrices get one GEMM.
+_GRAM_BLOCK = 128
+
+
+def _staging_rows(dim: int) -> int:
+    return max(dim, _MIN_STAGED_ROWS)
+
+
+def _add_gram_product(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, alpha: float = 1.0) -> None:
+    """``gram = beta * gram + alpha * left @ right`` for a symmetric product, lower block triangle only.
+
+    ``left`` is ``(d, n)``, ``right`` its transpose. From ``2 * _GRAM_BLOCK``
+    features on, only the column blocks on and below the diagonal are computed
+    (about a third less work); :func:`_mirror_lower` fills in the rest.
+    """
+    dim = gram.shape[0]
+    if dim < 2 * _GRAM_BLOCK:
+        gram.addmm_(left, right, beta=beta, alpha=alpha)
+        return
+    for start in range(0, dim, _GRAM_BLOCK):
+        stop = start + _GRAM_BLOCK
+        gram[start:, start:stop].addmm_(left[start:], right[:, start:stop], beta=beta, alpha=alpha)
+
+
+def _mirror_lower(gram: torch.Tensor) -> None:
+    """Copy the lower block triangle written by :func:`_add_gram_product` onto the upper one."""
+    dim = gram.shape[0]
+    if dim < 2 * _GRAM_BLOCK:
+        return
+    for start in range(0, dim - _GRAM_BLOCK, _GRAM_BLOCK):
+        stop = start + _GRAM_BLOCK
+        gram[start:stop, stop:].copy_(gram[stop:, start:stop].T)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, copied without waiting for the device's queue."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
 
 class CovarianceMemoryError(ValueError):
     """A layer's covariance would need more memory than the budget allows."""
@@ -72,8 +121,8 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
     """Bytes one accumulator of ``dim`` features holds at most.
 
     That is the float64 ``M2`` (``8 d^2``), the working-precision Gram matrix
-    and the staging buffer for small batches (``4 d^2`` each, ``8 d^2`` for
-    float64 activations), and a few vectors. Scratch space the size of one
+    (``4 d^2``) and staging buffer for small batches (``4 d max(d, 1024)``;
+    twice both for float64 activations), and a few vectors. Scratch space the size of one
     batch of activations comes on top.
 
     Parameters
@@ -96,7 +145,7 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
         raise ValueError(f"dim must be an int >= 0, got {dim!r}")
     work_bytes = 8 if float64_input else 4
-    return dim * dim * (8 + 2 * work_bytes) + dim * 8 * 4
+    return dim * dim * (8 + work_bytes) + dim * _staging_rows(dim) * work_bytes + dim * 8 * 4
 
 
 def _format_bytes(nbytes: float) -> str:
@@ -132,7 +181,7 @@ def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int])
     Examples
     --------
     >>> check_memory_budget("fc", 512, memory_budget=2**30)
-    4210688
+    5259264
     """
     nbytes = covariance_nbytes(dim)
     if memory_budget is not None and nbytes > memory_budget:
@@ -253,8 +302,10 @@ class TorchCovarianceMatrix:
         self._m2: Optional[torch.Tensor] = None
         self._num_skipped: Optional[torch.Tensor] = None
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._work_dtype: Optional[torch.dtype] = None
         self._num_staged = 0
-        self._pending: List[tuple] = []
+        self._staged_batches: List[Tuple[int, float]] = []
+        self._entries: List[Tuple[torch.Tensor, ...]] = []
         self._python_rng: Optional[random.Random] = None
         self._torch_rng: Optional[torch.Generator] = None
         self._saved: List[torch.Tensor] = []
@@ -308,6 +359,8 @@ class TorchCovarianceMatrix:
         self._num_skipped = self._new_tensor((), torch.int64, device, zero=True)
         self._buffers = {}
         self._num_staged = 0
+        self._staged_batches = []
+        self._entries = []
 
     def reset(self) -> None:
         """Forget every sample; keeps the allocated state (and its device)."""
@@ -316,7 +369,8 @@ class TorchCovarianceMatrix:
             self._mean.zero_()
             self._m2.zero_()
             self._num_skipped.zero_()
-        self._pending = []
+        self._entries = []
+        self._staged_batches = []
         self._num_staged = 0
         self._saved = []
         self._num_saved = 0
@@ -347,25 +401,26 @@ class TorchCovarianceMatrix:
         x = x.detach()
         if self.device is not None and x.device != self.device:
             x = x.to(self.device, non_blocking=True)
-        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._m2 is None:
             self._init_state(dim, x.device)
         elif dim != self._m2.shape[0]:
             raise ValueError(f"x has {dim} features, the accumulator holds {self._m2.shape[0]}")
         if self.save_data and self._num_saved < self.max_saved_samples:
             self._save_rows(x)
+        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if work_dtype != self._work_dtype:
+            self._fold()
+            self._work_dtype = work_dtype
         weight = 1.0
         if self.sample_rows is not None and num_rows > self.sample_rows:
             x = self._sample(x, num_rows)
             weight = num_rows / self.sample_rows
+        num_kept = x.shape[0] * x.shape[2] if x.ndim == 3 else x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.to(work_dtype)
-            if x.ndim == 3 and x.shape[0] * x.shape[2] < dim:
-                x = x.transpose(1, 2).reshape(-1, dim)
-            if x.ndim == 3:
-                self._add_blocks(x, num_rows)
+            if num_kept <= _staging_rows(dim) // 2:
+                self._stage(x, num_kept, weight)
             else:
-                self._add_rows(x, num_rows, weight)
+                self._add_batch(x, num_kept, num_rows, weight)
 
     def _sample(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
         """``sample_rows`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
@@ -390,101 +445,126 @@ class TorchCovarianceMatrix:
         with torch.inference_mode(False):
             return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
 
-    def _buffer(self, slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """A contiguous scratch tensor of ``shape``, reused across batches (fresh large
-        allocations cost page faults on CPU); it only grows."""
+    def _buffer(self, slot: str, shape: tuple) -> torch.Tensor:
+        """A contiguous scratch tensor of ``shape`` in the working precision, reused across
+        batches (fresh large allocations cost page faults on CPU); it only grows."""
         numel = math.prod(shape)
         flat = self._buffers.get(slot)
-        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self._buffers[slot] = self._new_tensor((numel,), like.dtype, like.device)
+        if flat is None or flat.numel() < numel or flat.dtype != self._work_dtype:
+            flat = self._buffers[slot] = self._new_tensor((numel,), self._work_dtype, self._m2.device)
         return flat[:numel].view(shape)
 
-    def _queue(self, shift: torch.Tensor, offset: torch.Tensor, finite: torch.Tensor, num_kept: int, num_rows: int):
-        """Remember the batch's count, mean and mean-minus-shift for the next fold."""
-        error = offset.to(torch.float64).div_(num_kept)
-        count = finite.to(torch.float64).mul_(num_rows)
-        self._pending.append((count, error.add(shift), error))
-
-    def _add_blocks(self, x: torch.Tensor, num_rows: int) -> None:
-        """``(b, d, l)`` with at least ``d`` samples: one GEMM over a channel-major centered copy."""
-        self._fold()
-        dim, num_kept = x.shape[1], x.shape[0] * x.shape[2]
-        shift = x.mean(dim=(0, 2))
-        work = self._buffer("blocks", (dim, x.shape[0], x.shape[2]), x)
-        centered = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
-        gram, finite = self._gram_of(centered, centered.T, 1.0)
-        self._queue(shift, centered.sum(dim=1), finite, num_kept, num_rows)
-        self._fold(gram)
-
-    def _add_rows(self, x: torch.Tensor, num_rows: int, weight: float) -> None:
-        """``(n, d)`` rows; fewer than ``d`` are staged so that one GEMM covers several batches."""
-        num_kept, dim = x.shape
-        shift = x.mean(dim=0)
-        if num_kept >= dim:
-            self._fold()
-            centered = torch.sub(x, shift, out=self._buffer("rows", (num_kept, dim), x))
-            gram, finite = self._gram_of(centered.T, centered, weight)
-            self._queue(shift, centered.sum(dim=0), finite, num_kept, num_rows)
-            self._fold(gram)
-            return
-        if self._num_staged and (self._num_staged + num_kept > dim or self._buffers["staged"].dtype != x.dtype):
-            self._fold()
-        staged = self._buffer("staged", (dim, dim), x)
-        centered = torch.sub(x, shift, out=staged[self._num_staged : self._num_staged + num_kept])
+    def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
+        """Copy a batch of fewer than ``d`` rows into the staging buffer; nothing else happens per batch."""
+        dim = self._m2.shape[0]
+        if self._num_staged + num_kept > _staging_rows(dim):
+            self._close_staged()
+        target = self._buffer("staged", (_staging_rows(dim), dim))[self._num_staged : self._num_staged + num_kept]
+        if x.ndim == 3:
+            target.view(x.shape[0], x.shape[2], dim).copy_(x.transpose(1, 2))
+        else:
+            target.copy_(x)
         self._num_staged += num_kept
-        offset = centered.sum(dim=0)
-        if weight != 1.0:
-            centered.mul_(math.sqrt(weight))
-        # At most d batches share a GEMM: each may add a d-th of the largest finite value.
-        limit = math.sqrt(torch.finfo(x.dtype).max / (2.0 * dim))
-        finite = torch.linalg.vector_norm(centered) <= limit
-        centered.masked_fill_(~finite, 0.0)
-        self._queue(shift, offset, finite, num_kept, num_rows)
+        self._staged_batches.append((num_kept, weight))
 
-    def _gram_of(self, left: torch.Tensor, right: torch.Tensor, weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``weight * left @ right`` in the Gram buffer, zeroed unless finite; and whether it was."""
-        dim = left.shape[0]
-        gram = torch.mm(left, right, out=self._buffer("gram", (dim, dim), left))
-        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
-        finite = gram.diagonal().sum() <= torch.finfo(gram.dtype).max / weight
-        gram.masked_fill_(~finite, 0.0)
-        if weight != 1.0:
-            gram.mul_(weight)
-        return gram, finite
-
-    def _fold(self, gram: Optional[torch.Tensor] = None) -> None:
-        """Fold the pending batches into the float64 state, exactly (see the module docstring).
-
-        ``gram`` is their Gram matrix; without it the pending batches are the staged rows.
-        """
-        if not self._pending:
+    def _close_staged(self) -> None:
+        """The staged rows become one pending entry: batches that are not finite (or whose
+        squares would overflow) are dropped, the rest centered on their mean, one GEMM."""
+        if not self._staged_batches:
             return
-        if gram is None:
-            dim = self._m2.shape[0]
-            staged = self._buffers["staged"][: self._num_staged * dim].view(self._num_staged, dim)
-            gram = torch.mm(staged.T, staged, out=self._buffer("gram", (dim, dim), staged))
-            self._num_staged = 0
-        counts = torch.stack([entry[0] for entry in self._pending])
+        dim, num_staged = self._m2.shape[0], self._num_staged
+        rows = self._buffers["staged"][: num_staged * dim].view(num_staged, dim)
+        sizes = torch.tensor([size for size, _ in self._staged_batches])
+        host = torch.stack(
+            [
+                torch.tensor([weight for _, weight in self._staged_batches], dtype=torch.float64),
+                torch.arange(len(self._staged_batches), dtype=torch.float64),
+            ]
+        ).repeat_interleave(sizes, dim=1)
+        row_weights, row_batch = _to_device(host, rows.device)
+        row_batch = row_batch.long()
+        num_batches = len(self._staged_batches)
+        self._staged_batches = []
+        self._num_staged = 0
+        limit = math.sqrt(torch.finfo(rows.dtype).max / (2.0 * dim * _MAX_ENTRIES))
+        row_bad = ~(torch.linalg.vector_norm(rows, dim=1) * row_weights.to(rows.dtype).sqrt() <= limit)
+        batch_bad = torch.zeros(num_batches, dtype=rows.dtype, device=rows.device).index_add_(0, row_batch, row_bad.to(rows.dtype)) > 0
+        row_dropped = batch_bad[row_batch]
+        row_weights = row_weights.masked_fill(row_dropped, 0.0)
+        count = row_weights.sum()
+        rows.masked_fill_(row_dropped[:, None], 0.0)
+        row_weights = row_weights.to(rows.dtype)
+        shift = (row_weights @ rows).div_(count.to(rows.dtype).clamp_min(1.0))
+        roots = row_weights.sqrt_()
+        rows.sub_(shift).mul_(roots[:, None])
+        _add_gram_product(self._buffer("gram", (dim, dim)), rows.T, rows, beta=1.0 if self._entries else 0.0)
+        self._add_entry(count, shift, roots @ rows, batch_bad)
+
+    def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
+        """At least ``d`` rows: centered on their mean, one GEMM added to the pending Gram matrix."""
+        self._close_staged()
+        dim, dtype = self._m2.shape[0], self._work_dtype
+        if x.ndim == 3:
+            shift = x.mean(dim=(0, 2), dtype=dtype)
+            work = self._buffer("centered", (dim, x.shape[0], x.shape[2]))
+            centered = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
+            left, right, offset = centered, centered.T, centered.sum(dim=1)
+        else:
+            shift = x.mean(dim=0, dtype=dtype)
+            centered = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim)))
+            left, right, offset = centered.T, centered, centered.sum(dim=0)
+        first = not self._entries
+        # The staging buffer is free here (its rows were just closed): scratch for this batch's Gram.
+        gram = self._buffer("gram" if first else "staged", (dim, dim))
+        _add_gram_product(gram, left, right, beta=0.0, alpha=weight)
+        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
+        finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
+        gram.masked_fill_(~finite, 0.0)
+        if not first:
+            self._buffer("gram", (dim, dim)).add_(gram)
+        if weight != 1.0:
+            offset.mul_(weight)
+        self._add_entry(finite.to(torch.float64).mul_(num_rows), shift, offset, ~finite)
+
+    def _add_entry(self, count: torch.Tensor, shift: torch.Tensor, offset: torch.Tensor, skipped: torch.Tensor) -> None:
+        """Queue rows already in the pending Gram matrix: their (weighted) count, the shift they
+        were centered on, the sum of the centered rows and which of their batches were skipped."""
+        self._entries.append((count, shift, offset, skipped.sum()))
+        if len(self._entries) >= _MAX_ENTRIES:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the pending entries into the float64 state, exactly (see the module docstring)."""
+        self._close_staged()
+        if not self._entries:
+            return
+        counts = torch.stack([entry[0] for entry in self._entries])
+        shifts = torch.stack([entry[1] for entry in self._entries]).to(torch.float64)
+        offsets = torch.stack([entry[2] for entry in self._entries]).to(torch.float64)
+        skipped = torch.stack([entry[3] for entry in self._entries]).sum()
+        self._entries = []
         good = (counts > 0)[:, None]
-        means = torch.where(good, torch.stack([entry[1] for entry in self._pending]), 0.0)
-        errors = torch.where(good, torch.stack([entry[2] for entry in self._pending]), 0.0)
-        self._pending = []
+        errors = torch.where(good, offsets / counts.clamp_min(1.0)[:, None], 0.0)
+        means = torch.where(good, shifts + errors, 0.0)
         new_count = counts.sum()
         new_mean = (counts @ means) / new_count.clamp_min(1.0)
         total = self._count + new_count
         new_weight = torch.where(total > 0, new_count / total.clamp_min(1.0), 0.0)
         delta = new_mean - self._mean
         roots = counts.sqrt()[:, None]
-        # Rank-one terms, added (between batches; new vs. old) or removed (mean - shift), in one GEMM.
+        # Rank-one terms, added (between entries; new vs. old) or removed (mean - shift), in one GEMM.
         added = torch.cat([roots * (means - new_mean), (self._count * new_weight).sqrt() * delta[None]])
         terms = torch.cat([added, roots * errors])
         signs = torch.ones(terms.shape[0], 1, dtype=terms.dtype, device=terms.device)
         signs[added.shape[0] :] = -1.0
+        dim = self._m2.shape[0]
+        gram = self._buffer("gram", (dim, dim))
+        _mirror_lower(gram)
         self._add_gram(gram)
         self._m2.addmm_((terms * signs).T, terms)
         self._mean.add_(delta * new_weight)
         self._count.copy_(total)
-        self._num_skipped.add_((~good).sum())
+        self._num_skipped.add_(skipped)
 
     def _add_gram(self, gram: torch.Tensor) -> None:
         m2 = self._m2
@@ -497,7 +577,7 @@ class TorchCovarianceMatrix:
             m2[start : start + rows].add_(gram[start : start + rows].to(m2.dtype))
 
     def flush(self) -> None:
-        """Fold staged rows into the float64 state now; reading the state does this anyway."""
+        """Fold pending rows into the float64 state now; reading the state does this anyway."""
         self._fold()
 
     def _save_rows(self, x: torch.Tensor) -> None:

@@ -99,6 +99,23 @@ def test_wide_layer_with_few_rows_per_batch():
     np.testing.assert_allclose(accumulate(batches).compute().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["staged", "direct", "blocks"])
+def test_wide_layers_computed_as_lower_block_triangle_match_numpy(kind):
+    # 300 features: column blocks of 128, 128 and 44 on and below the diagonal, mirrored at each fold.
+    generator = torch.Generator().manual_seed(11)
+    mixing = torch.randn(40, 300, generator=generator)
+    if kind == "blocks":
+        batches = [torch.einsum("bkl,kd->bdl", torch.randn(2, 40, 200, generator=generator), mixing) + 2.0 for _ in range(18)]
+    else:
+        rows = 64 if kind == "staged" else 700
+        batches = [torch.randn(rows, 40, generator=generator) @ mixing + 2.0 for _ in range(40)]
+    acc = accumulate(batches)
+    expected = reference_cov([rows_of(b) for b in batches])
+    cov = acc.compute().numpy()
+    np.testing.assert_allclose(cov, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert_matches(acc, batches, det=False)
+
+
 @pytest.mark.parametrize("batch,size", [(8, 16), (2, 2)])
 def test_channelwise_conv_outputs_match_numpy(batch, size):
     # (8, 16): many positions per channel (one GEMM over channels); (2, 2): fewer rows than channels.
@@ -213,11 +230,11 @@ def test_memory_budget_names_layer_and_size():
 
 
 def test_memory_budget_checked_when_first_batch_fixes_dimension():
-    acc = TorchCovarianceMatrix(memory_budget=10_000, name="conv1")
+    acc = TorchCovarianceMatrix(memory_budget=100_000, name="conv1")
     with pytest.raises(CovarianceMemoryError, match="'conv1' has 64 features"):
         acc.update(torch.randn(4, 64))
     assert not acc.is_initialized
-    small = TorchCovarianceMatrix(memory_budget=10_000, name="fc")
+    small = TorchCovarianceMatrix(memory_budget=100_000, name="fc")
     small.update(torch.randn(4, 8))
     assert small.count == 4
 
