@@ -9,16 +9,17 @@ Training", arXiv 2006.08679).
 
 How a batch gets in, cheaply and without losing precision:
 
-1. A batch of at least half a staging buffer of rows (``max(d, 1024)``) is
-   centered on its mean in the working precision (float32, or float64 for
+1. A batch of at least ``d`` rows, unless it is small (at most ``2**16``
+   values), is centered on its mean in the working precision (float32, or float64 for
    float64 activations), the shift :math:`s_b`, and its Gram matrix
    :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. A convolution's
    ``(b, c, positions)`` output is centered straight into a channel-major copy,
    so the GEMM needs no transposed copy. The exact float64 mean
    :math:`\mu_b = s_b + e_b` follows from the sum of the centered rows.
-2. Smaller batches are only copied into the staging buffer; when it is full,
-   its rows are centered on their common mean and become one GEMM (a GEMM
-   over few rows is slow, and a small batch then costs one copy).
+2. Other batches are only copied into a staging buffer of ``max(d, 1024)``
+   rows; when it is full, its rows are centered on their common mean and
+   become one GEMM (a GEMM over few rows is slow, and a small batch then costs
+   one copy).
 3. From ``256`` features on, a GEMM computes only the column blocks on and
    below the diagonal of the symmetric :math:`G`.
 4. The Gram matrices of up to 16 GEMMs are summed in the working precision;
@@ -69,8 +70,11 @@ _FOLD_CHUNK = 1 << 16
 #: Pending entries (GEMMs) summed in the working-precision Gram matrix before a fold into float64.
 _MAX_ENTRIES = 16
 
-#: Rows the staging buffer holds at least; batches of at most half of its rows are staged.
+#: Rows the staging buffer holds at least.
 _MIN_STAGED_ROWS = 1024
+
+#: Batches of fewer rows than features, or of at most this many values, are staged.
+_SMALL_BATCH_VALUES = 1 << 16
 
 #: Column-block width of the lower block triangle of a Gram matrix; narrower matrices get one GEMM.
 _GRAM_BLOCK = 128
@@ -417,7 +421,7 @@ class TorchCovarianceMatrix:
             weight = num_rows / self.sample_rows
         num_kept = x.shape[0] * x.shape[2] if x.ndim == 3 else x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if num_kept <= _staging_rows(dim) // 2:
+            if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
                 self._stage(x, num_kept, weight)
             else:
                 self._add_batch(x, num_kept, num_rows, weight)
