@@ -298,17 +298,25 @@ def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
     if ctx.tail and not fitting:
         low = f"{float(values.reindex(ctx.tail).max()):.2f}"
         tail = ctx.tail
-        reason = (
-            _say(tail, "its receptive field already covers", "their receptive fields already cover")
-            + f" the {_size_text(ctx.input_size)} input"
-            if both else _say(tail, "its", "their") + " saturation sits far below the rest"
-        )
-        items.append(("warn", (
-            f"{_subject(tail)} {_say(tail, 'adds', 'add')} nothing at this input size: {reason} "
-            f"(at most {low} against a median of {head} for the other layers). "
-            f"Increase the input resolution or remove {_say(tail, 'it', 'them')}; slowing the receptive field's "
-            f"growth (fewer early downsampling layers) also makes {_say(tail, 'it', 'them')} useful again."
-        )))
+        if both:
+            items.append(("warn", (
+                f"{_subject(tail)} {_say(tail, 'adds', 'add')} nothing at this input size: "
+                f"{_say(tail, 'its receptive field already covers', 'their receptive fields already cover')} the "
+                f"{_size_text(ctx.input_size)} input (saturation at most {low} against a median of {head} for the "
+                f"other layers). Increase the input resolution or remove {_say(tail, 'it', 'them')}; slowing the "
+                f"receptive field's growth (fewer early downsampling layers) also makes {_say(tail, 'it', 'them')} "
+                "useful again."
+            )))
+        else:
+            # Without receptive fields (or for dense layers) nothing points at the input size.
+            items.append(("warn", (
+                f"{_subject(tail)} {_say(tail, 'adds', 'add')} little: {_say(tail, 'its', 'their')} saturation sits "
+                f"far below the rest (at most {low} against a median of {head} for the other layers), so "
+                f"{_say(tail, 'it uses', 'they use')} a small share of {_say(tail, 'its', 'their')} width. Make "
+                f"{_say(tail, 'it', 'them')} narrower or remove {_say(tail, 'it', 'them')}; for convolutions, a "
+                "receptive field that already covers the input is the usual cause, which a higher input resolution "
+                "fixes."
+            )))
     elif ctx.tail:
         if both:
             items.append(("warn", (

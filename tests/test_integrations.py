@@ -215,7 +215,8 @@ def test_lightning_resume_continues_the_csv(tmp_path):
         module_class(), *lightning_loaders()
     )
     stored = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
-    assert stored == {"version": 1, "rows_written": 2}
+    assert {key: stored[key] for key in ("version", "rows_written")} == {"version": 1, "rows_written": 2}
+    assert set(stored["tracker"]["layers"]) == {"net-0", "net-2"}
     before = read_csv(savefile)
     second = SaturationCallback(savefile, every_n_steps=4)
     lightning_trainer(tmp_path, [second], max_epochs=2).fit(
@@ -224,6 +225,40 @@ def test_lightning_resume_continues_the_csv(tmp_path):
     after = read_csv(savefile)
     assert list(after.index) == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(after.loc[[0, 1], before.columns], before)
+
+
+@pytest.mark.parametrize("checkpoint_statistics", [True, False])
+def test_lightning_resume_goes_on_with_the_same_statistics(tmp_path, checkpoint_statistics):
+    # reset_covariance=False: every row holds everything since the start, so a resumed run matches
+    # an uninterrupted one only if the checkpoint carried the accumulated covariances.
+    lightning()
+    from delve.integrations.lightning import SaturationCallback
+
+    module_class = lightning_module_class()
+    options = dict(every_n_steps=4, reset_covariance=False, stats=["lsat", "trc"])
+    torch.manual_seed(0)
+    straight_module = module_class()
+    torch.manual_seed(0)
+    first_module = module_class()
+    straight = str(tmp_path / "straight")
+    lightning_trainer(tmp_path, [SaturationCallback(straight, **options)]).fit(straight_module, *lightning_loaders())
+
+    resumed = str(tmp_path / "resumed")
+    options["checkpoint_statistics"] = checkpoint_statistics
+    checkpoint = lightning().callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    lightning_trainer(tmp_path, [SaturationCallback(resumed, **options), checkpoint], max_epochs=1, enable_checkpointing=True).fit(
+        first_module, *lightning_loaders()
+    )
+    lightning_trainer(tmp_path, [SaturationCallback(resumed, **options)]).fit(
+        module_class(), *lightning_loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    expected, got = read_csv(straight), read_csv(resumed)
+    assert list(got.index) == list(expected.index) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(got.loc[[0, 1]], expected.loc[[0, 1]])
+    traces = [column for column in expected.columns if "trace" in column]
+    assert traces
+    same = np.allclose(got[traces].to_numpy(dtype=float), expected[traces].to_numpy(dtype=float), rtol=1e-6, equal_nan=True)
+    assert same == checkpoint_statistics
 
 
 def test_lightning_callback_rejects_bad_options(tmp_path):

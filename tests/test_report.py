@@ -119,6 +119,19 @@ def test_report_without_tail_or_receptive_fields(tmp_path) -> None:
     assert len(embedded_pngs(page)) == 4
 
 
+def test_report_on_a_tail_without_receptive_fields_blames_width_not_resolution(tmp_path) -> None:
+    # Nothing says the input size is the cause (dense layers, or no model given): no resolution advice.
+    savefile = tmp_path / "dense"
+    write_run(savefile, TAIL_RUN)
+    from delve.report import report
+
+    page = Path(report(str(savefile))).read_text()
+    assert [n for n, row in table_rows(page).items() if "tag tail" in row] == ["5", "6"]
+    assert "<code>5</code> and <code>6</code> add little" in page
+    assert "Make them narrower or remove them" in page
+    assert "Increase the input resolution" not in page
+
+
 def test_report_traces_a_given_model_and_shows_probes(tmp_path) -> None:
     from delve.report import report
 

@@ -17,6 +17,7 @@ Examples
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 from delve.integrations import TrackerDriver
@@ -62,6 +63,12 @@ class SaturationCallback(pl.Callback):
         Prefix of the names sent to the loggers.
     log_to_trainer : bool
         Send the statistics to the trainer's loggers too.
+    checkpoint_statistics : bool
+        Store what the tracker has accumulated in the trainer's checkpoints, so
+        that a run resumed with ``ckpt_path`` goes on with the same statistics
+        (the rows of ``reset_covariance=False`` or of a checkpoint taken
+        mid-epoch come out as if the run had never stopped). Costs a float64
+        ``d x d`` matrix per tracked layer and mode in every checkpoint.
     **options
         Keyword arguments of :class:`~delve.tracker.SaturationTracker`;
         ``save_to`` defaults to ``'csv'`` and ``modules`` to the LightningModule.
@@ -71,7 +78,10 @@ class SaturationCallback(pl.Callback):
     A run resumed with ``ckpt_path`` continues the same CSV instead of
     overwriting it: once per epoch, row ``k`` is epoch ``k`` (plus the tracker's
     ``initial_epoch``); with ``every_n_steps``, the number of rows written is
-    part of the callback's ``state_dict`` in the checkpoint.
+    part of the callback's ``state_dict`` in the checkpoint, and so (with
+    ``checkpoint_statistics``) is the tracker's
+    :meth:`~delve.tracker.SaturationTracker.state_dict`, loaded into the new
+    tracker when training starts again.
     """
 
     def __init__(
@@ -80,13 +90,16 @@ class SaturationCallback(pl.Callback):
         every_n_steps: Optional[int] = None,
         log_prefix: str = "delve/",
         log_to_trainer: bool = True,
+        checkpoint_statistics: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
         self.driver = TrackerDriver(savefile, every_n_steps, log_prefix, options)
         self.savefile = savefile
         self.log_to_trainer = log_to_trainer
+        self.checkpoint_statistics = checkpoint_statistics
         self._last_row_step = -1
+        self._restored_tracker_state: Optional[Dict[str, Any]] = None
 
     @property
     def tracker(self) -> Any:
@@ -109,7 +122,19 @@ class SaturationCallback(pl.Callback):
         if self.driver.every_n_steps is None:
             # One row per epoch: the row number follows the epoch, also when resuming mid-epoch.
             self.driver.rows_written = self.driver.initial_epoch + trainer.current_epoch
-        self.driver.start(pl_module)
+        tracker = self.driver.start(pl_module)
+        if self._restored_tracker_state is not None:
+            try:
+                tracker.load_state_dict(self._restored_tracker_state)
+            except ValueError as error:
+                warnings.warn(
+                    f"delve could not restore the statistics stored in the checkpoint ({error}); "
+                    "they start afresh",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            tracker.epoch = self.driver.rows_written
+            self._restored_tracker_state = None
         self._last_row_step = trainer.global_step
 
     def on_train_batch_end(
@@ -144,8 +169,11 @@ class SaturationCallback(pl.Callback):
 
     # --------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        """Rows written so far, with a ``version`` key."""
-        return {"version": _STATE_VERSION, "rows_written": self.driver.rows_written}
+        """Rows written so far and (with ``checkpoint_statistics``) the tracker's state, with a ``version`` key."""
+        state: Dict[str, Any] = {"version": _STATE_VERSION, "rows_written": self.driver.rows_written}
+        if self.checkpoint_statistics and self.driver.tracker is not None:
+            state["tracker"] = self.driver.tracker.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Continue at the row after the checkpoint's last one."""
@@ -155,6 +183,8 @@ class SaturationCallback(pl.Callback):
                 f"unsupported SaturationCallback state version {version!r}; this delve reads version {_STATE_VERSION}"
             )
         self.driver.rows_written = int(state_dict["rows_written"])
+        if self.checkpoint_statistics:
+            self._restored_tracker_state = state_dict.get("tracker")
 
 
 __all__ = ["SaturationCallback"]
