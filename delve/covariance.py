@@ -84,7 +84,9 @@ def _staging_rows(dim: int) -> int:
     return max(dim, _MIN_STAGED_ROWS)
 
 
-def _add_gram_product(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, alpha: float = 1.0) -> None:
+def _add_gram_product(
+    gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, alpha: float = 1.0
+) -> None:
     """``gram = beta * gram + alpha * left @ right`` for a symmetric product, lower block triangle only.
 
     ``left`` is ``(d, n)``, ``right`` its transpose. From ``2 * _GRAM_BLOCK``
@@ -490,9 +492,11 @@ class TorchCovarianceMatrix:
         num_batches = len(self._staged_batches)
         self._staged_batches = []
         self._num_staged = 0
-        limit = math.sqrt(torch.finfo(rows.dtype).max / (2.0 * dim * _MAX_ENTRIES))
+        # Every kept row adds at most limit^2 to the trace: the whole group stays below max / (2 * _MAX_ENTRIES).
+        limit = math.sqrt(torch.finfo(rows.dtype).max / (2.0 * _staging_rows(dim) * _MAX_ENTRIES))
         row_bad = ~(torch.linalg.vector_norm(rows, dim=1) * row_weights.to(rows.dtype).sqrt() <= limit)
-        batch_bad = torch.zeros(num_batches, dtype=rows.dtype, device=rows.device).index_add_(0, row_batch, row_bad.to(rows.dtype)) > 0
+        bad_rows_per_batch = torch.zeros(num_batches, dtype=rows.dtype, device=rows.device)
+        batch_bad = bad_rows_per_batch.index_add_(0, row_batch, row_bad.to(rows.dtype)) > 0
         row_dropped = batch_bad[row_batch]
         row_weights = row_weights.masked_fill(row_dropped, 0.0)
         count = row_weights.sum()

@@ -105,7 +105,8 @@ def test_wide_layers_computed_as_lower_block_triangle_match_numpy(kind):
     generator = torch.Generator().manual_seed(11)
     mixing = torch.randn(40, 300, generator=generator)
     if kind == "blocks":
-        batches = [torch.einsum("bkl,kd->bdl", torch.randn(2, 40, 200, generator=generator), mixing) + 2.0 for _ in range(18)]
+        sources = [torch.randn(2, 40, 200, generator=generator) for _ in range(18)]
+        batches = [torch.einsum("bkl,kd->bdl", source, mixing) + 2.0 for source in sources]
     else:
         rows = 64 if kind == "staged" else 700
         batches = [torch.randn(rows, 40, generator=generator) @ mixing + 2.0 for _ in range(40)]

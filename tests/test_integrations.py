@@ -246,7 +246,8 @@ def test_lightning_resume_goes_on_with_the_same_statistics(tmp_path, checkpoint_
     resumed = str(tmp_path / "resumed")
     options["checkpoint_statistics"] = checkpoint_statistics
     checkpoint = lightning().callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    lightning_trainer(tmp_path, [SaturationCallback(resumed, **options), checkpoint], max_epochs=1, enable_checkpointing=True).fit(
+    first = SaturationCallback(resumed, **options)
+    lightning_trainer(tmp_path, [first, checkpoint], max_epochs=1, enable_checkpointing=True).fit(
         first_module, *lightning_loaders()
     )
     lightning_trainer(tmp_path, [SaturationCallback(resumed, **options)]).fit(
@@ -257,7 +258,8 @@ def test_lightning_resume_goes_on_with_the_same_statistics(tmp_path, checkpoint_
     pd.testing.assert_frame_equal(got.loc[[0, 1]], expected.loc[[0, 1]])
     traces = [column for column in expected.columns if "trace" in column]
     assert traces
-    same = np.allclose(got[traces].to_numpy(dtype=float), expected[traces].to_numpy(dtype=float), rtol=1e-6, equal_nan=True)
+    got_traces, expected_traces = got[traces].to_numpy(dtype=float), expected[traces].to_numpy(dtype=float)
+    same = np.allclose(got_traces, expected_traces, rtol=1e-6, equal_nan=True)
     assert same == checkpoint_statistics
 
 
