@@ -8,13 +8,13 @@ Run by hand from the repository root (not part of the tests)::
 
 For each model it trains a fixed number of steps (SGD, random data) untracked,
 tracked by :class:`delve.SaturationTracker` with every layer at full rate, and
-tracked with row sampling (``sample_rows``). The configurations alternate
-within every repeat, in a rotating order, so that the machine's drift cancels;
-the trackers keep accumulating across runs, as within an epoch, so work they
-defer to a later step is timed in a later run;
+tracked with row sampling (``sample_rows``). Within every repeat the
+configurations take turns step by step, in a rotating order, so that the
+machine's drift cancels; the trackers keep accumulating across repeats, as
+within an epoch, so work they defer to a later step is timed in that step;
 the table gives medians over repeats of the mean time per step, the overhead
-(the median over repeats of tracked / untracked - 1, both runs of a ratio from
-the same repeat), the time of one ``add_saturations()``, the peak
+(the median over repeats of tracked / untracked - 1, both means of a ratio
+from the same repeat), the time of one ``add_saturations()``, the peak
 resident memory of a process running each configuration, and the analytic
 floor: FLOPs of :math:`X^T X` for every tracked output over the training
 FLOPs (3x forward) of those layers.
@@ -105,11 +105,11 @@ class TransformerClassifier(nn.Module):
 
 
 def build(name: str, batch: Optional[int] = None) -> Tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
-    """Model, a batch of inputs and targets, and the steps of one timed run.
+    """Model, a batch of inputs and targets, and the steps of one repeat.
 
-    A run is long enough to hold whole cycles of the work a tracker defers
+    A repeat is long enough to hold whole cycles of the work a tracker defers
     (staged rows become one GEMM every few steps; pending GEMMs are folded into
-    float64 every 16), so that the median over runs does not skip it.
+    float64 every 16), so that the median over repeats does not skip it.
     """
     torch.manual_seed(0)
     if name == "mlp":
@@ -248,16 +248,23 @@ def time_model(name: str, impl: str, configs: Tuple[str, ...], repeats: int, sam
         train_steps(models[config], optimizers[config], data, target, 1)
         if config in trackers:
             trackers[config].add_saturations()
-    # Like training between two epochs: the trackers keep accumulating across the timed runs, so
-    # work they defer (staged rows, folds into float64) lands in later runs of the same
-    # configuration, as it would in later steps of an epoch.
-    for repeat in range(repeats):
-        shift = repeat % len(configs)
-        for config in configs[shift:] + configs[:shift]:
-            times[config].append(train_steps(models[config], optimizers[config], data, target, steps))
+    # As within an epoch, the trackers keep accumulating across steps and repeats, so work they
+    # defer (staged rows, folds into float64) is timed in the later step that does it.
+    # Within a repeat the configurations take turns step by step, in a rotating order, so that a
+    # machine whose speed drifts (shared hosts do) slows them all alike.
+    turn = 0
+    for _ in range(repeats):
+        totals = {config: 0.0 for config in configs}
+        for _ in range(steps):
+            shift = turn % len(configs)
+            turn += 1
+            for config in configs[shift:] + configs[:shift]:
+                totals[config] += train_steps(models[config], optimizers[config], data, target, 1)
+        for config in configs:
+            times[config].append(totals[config] / steps)
     for config, tracker in trackers.items():  # add_saturations() after a run of steps, as at an epoch's end
         for _ in range(3):
-            train_steps(models[config], optimizers[config], data, target, steps)
+            train_steps(models[config], optimizers[config], data, target, 2)
             held[config] = state_bytes(tracker)
             start = time.perf_counter()
             tracker.add_saturations()
@@ -382,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats per configuration (median)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per timed run (default per model)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per repeat and configuration (default per model)")
     parser.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS, help="rows per batch when sampling")
     parser.add_argument("--delve-0150", default=None, metavar="PATH", help="folder holding delve 0.1.50's package")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
