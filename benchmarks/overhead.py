@@ -2,7 +2,7 @@
 
 Run by hand from the repository root (not part of the tests)::
 
-    python benchmarks/overhead.py                      # all four models, about 5 minutes on 2 idle cores
+    python benchmarks/overhead.py                      # all four models, about 8 minutes on 2 cores
     python benchmarks/overhead.py --delve-0150 /tmp/delve0150   # side by side with delve 0.1.50
     python benchmarks/overhead.py --models mlp cnn --repeats 9 --format rst
 
