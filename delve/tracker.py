@@ -5,7 +5,6 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -13,8 +12,9 @@ import torch
 from torch import nn
 
 from delve import distributed, metrics
-from delve.adapters import Adapter, AdapterOptions, check_layer_memory, find_adapter
+from delve.adapters import AdapterOptions, check_layer_memory, find_adapter
 from delve.covariance import TorchCovarianceMatrix, resolve_sample_rows
+from delve.hooks import LayerState, ModeState, RecordingHook, num_samples, remove_handles, take_samples
 from delve.layers import ModuleSpec, find_layers
 from delve.writers import SaveTo, build_writer, check_save_to
 from delve.writers.base import MODES, STATMAP, AbstractWriter
@@ -65,53 +65,6 @@ def _resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.de
         )
         return None
     return resolved
-
-
-@dataclass
-class _ModeState:
-    """What one layer accumulated in one mode since the last reset."""
-
-    accumulator: TorchCovarianceMatrix
-    calls: int = 0
-    rows: int = 0
-
-
-@dataclass
-class _LayerState:
-    adapter: Adapter
-    modes: Dict[str, _ModeState] = field(default_factory=dict)
-    warned_nonfinite: bool = False
-
-
-class _RecordingHook:
-    """Forward hook of one layer; holds the tracker weakly so that the model never keeps it alive."""
-
-    __slots__ = ("_tracker", "layer_name")
-
-    def __init__(self, tracker: "SaturationTracker", layer_name: str) -> None:
-        self._tracker = weakref.ref(tracker)
-        self.layer_name = layer_name
-
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        tracker = self._tracker()
-        if tracker is not None:
-            tracker._record(self.layer_name, module, output)
-
-
-def _remove_handles(handles: Dict[str, torch.utils.hooks.RemovableHandle]) -> None:
-    for handle in handles.values():
-        handle.remove()
-    handles.clear()
-
-
-def _take_samples(samples: torch.Tensor, count: int) -> torch.Tensor:
-    if samples.ndim == 3:
-        samples = samples.permute(0, 2, 1).reshape(-1, samples.shape[1])
-    return samples[:count]
-
-
-def _num_samples(samples: torch.Tensor) -> int:
-    return samples.shape[0] * samples.shape[2] if samples.ndim == 3 else samples.shape[0]
 
 
 class SaturationTracker:
@@ -290,12 +243,12 @@ class SaturationTracker:
                 "ignore_layer_names); supported are Linear, Conv/ConvTranspose 1d-3d, RNN/LSTM/GRU "
                 "and their cells, MultiheadAttention, and types added with delve.register_adapter"
             )
-        self._layer_states: Dict[str, _LayerState] = {}
+        self._layer_states: Dict[str, LayerState] = {}
         for index, (name, layer) in enumerate(self.layers.items()):
             check_layer_memory(name, layer, self.options, memory_budget)
-            self._layer_states[name] = _LayerState(
+            self._layer_states[name] = LayerState(
                 adapter=find_adapter(layer),
-                modes={mode: _ModeState(self._new_accumulator(name, index)) for mode in MODES},
+                modes={mode: ModeState(self._new_accumulator(name, index)) for mode in MODES},
             )
 
         writer_args = dict(writer_args or {})
@@ -311,9 +264,9 @@ class SaturationTracker:
         if initial_epoch != 0 and not nosave:
             self.writer.resume_from_saved_state(initial_epoch)
 
-        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)
         for name, layer in self.layers.items():
-            self._handles[name] = layer.register_forward_hook(_RecordingHook(self, name))
+            self._handles[name] = layer.register_forward_hook(RecordingHook(self, name))
 
     # ------------------------------------------------------------- recording
     def _new_accumulator(self, name: str, index: int) -> TorchCovarianceMatrix:
@@ -343,9 +296,9 @@ class SaturationTracker:
                 samples = layer_state.adapter(module, output, self.options)
                 if samples is None:
                     return
-                count = _num_samples(samples)
+                count = num_samples(samples)
                 if self.max_samples is not None and state.rows + count > self.max_samples:
-                    samples = _take_samples(samples, self.max_samples - state.rows)
+                    samples = take_samples(samples, self.max_samples - state.rows)
                     count = samples.shape[0]
                 state.accumulator.update(samples)
                 state.rows += count

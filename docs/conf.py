@@ -81,7 +81,7 @@ html_static_path = []
 # -- API reference, generated from the modules under delve/ --------------------
 #: Sections of the API page: title, then module-name patterns in display order.
 API_SECTIONS = [
-    ("Tracking", ["delve", "delve.tracker", "delve.covariance", "delve.metrics", "delve.adapters",
+    ("Tracking", ["delve", "delve.tracker", "delve.hooks", "delve.covariance", "delve.metrics", "delve.adapters",
                   "delve.layers", "delve.distributed"]),
     ("Writers", ["delve.writers", "delve.writers.*"]),
     ("Analysis and tools", ["delve.tools", "delve.analysis", "delve.probes", "delve.report",
