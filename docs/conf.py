@@ -86,7 +86,7 @@ API_SECTIONS = [
     ("Writers", ["delve.writers", "delve.writers.*"]),
     ("Analysis and tools", ["delve.tools", "delve.analysis", "delve.probes", "delve.report",
                             "delve.receptive_field", "delve.pca_layers"]),
-    ("Integrations", ["delve.integrations", "delve.integrations.*", "delve.kerascallback"]),
+    ("Integrations", ["delve.integrations", "delve.integrations.*", "delve.kerascallback", "delve.keras_layers"]),
     ("Import paths kept from delve 0.1.50", ["delve.torch_utils", "delve.torchcallback"]),
     ("Other modules", ["*"]),
 ]

@@ -34,6 +34,7 @@ if keras.backend.backend() != "torch":
 
 from delve import SaturationTracker, TorchCovarianceMatrix, writers  # noqa: E402
 from delve import kerascallback as kc  # noqa: E402
+from delve import keras_layers as kl  # noqa: E402
 from delve.adapters import AdapterOptions  # noqa: E402
 from delve.writers.base import AbstractWriter  # noqa: E402
 from reference import idim, population_cov  # noqa: E402
@@ -563,13 +564,13 @@ def test_backend_defaults_to_torch_only_when_keras_could_not_load(
     monkeypatch.delitem(sys.modules, "keras")
     monkeypatch.delenv("KERAS_BACKEND")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(kc.importlib.util, "find_spec", lambda name: None)
-    kc._default_to_torch_backend()
+    monkeypatch.setattr(kl.importlib.util, "find_spec", lambda name: None)
+    kl._default_to_torch_backend()
     assert os.environ["KERAS_BACKEND"] == "torch"
 
     monkeypatch.delenv("KERAS_BACKEND")
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')
-    kc._default_to_torch_backend()
+    kl._default_to_torch_backend()
     assert "KERAS_BACKEND" not in os.environ  # the user's configured backend stands
 
 
