@@ -461,7 +461,7 @@ class TorchCovarianceMatrix:
         return flat[:numel].view(shape)
 
     def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
-        """Copy a batch of fewer than ``d`` rows into the staging buffer; nothing else happens per batch."""
+        """Copy a small batch into the staging buffer; nothing else happens per batch."""
         dim = self._m2.shape[0]
         if self._num_staged + num_kept > _staging_rows(dim):
             self._close_staged()
@@ -509,7 +509,7 @@ class TorchCovarianceMatrix:
         self._add_entry(count, shift, roots @ rows, batch_bad)
 
     def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
-        """At least ``d`` rows: centered on their mean, one GEMM added to the pending Gram matrix."""
+        """A large batch: centered on its mean, one GEMM added to the pending Gram matrix."""
         self._close_staged()
         dim, dtype = self._m2.shape[0], self._work_dtype
         if x.ndim == 3:
