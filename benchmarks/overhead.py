@@ -59,7 +59,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -227,7 +229,9 @@ def state_bytes(tracker: Any) -> int:
     return total
 
 
-def time_model(name: str, impl: str, configs: Tuple[str, ...], repeats: int, sample_rows: int, steps: Optional[int]) -> Dict[str, Any]:
+def time_model(
+    name: str, impl: str, configs: Tuple[str, ...], repeats: int, sample_rows: int, steps: Optional[int]
+) -> Dict[str, Any]:
     """Interleaved repeats of every configuration on one model; medians and raw times."""
     model, data, target, default_steps = build(name)
     steps = steps or default_steps
@@ -240,7 +244,9 @@ def time_model(name: str, impl: str, configs: Tuple[str, ...], repeats: int, sam
     # One tracker per tracked configuration for the whole run, each on its own copy of the model
     # (delve 0.1.50 cannot remove its hooks).
     trackers = {
-        config: make_tracker(impl, models[config], os.path.join(folder, config), sample_rows if config == "sampled" else None)
+        config: make_tracker(
+            impl, models[config], os.path.join(folder, config), sample_rows if config == "sampled" else None
+        )
         for config in configs
         if config != "untracked"
     }
@@ -291,7 +297,8 @@ def memory_child(name: str, impl: str, config: str, sample_rows: int) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     tracker = None
     if config != "untracked":
-        tracker = make_tracker(impl, model, tempfile.mkdtemp(prefix="delve-memory-"), sample_rows if config == "sampled" else None)
+        folder = tempfile.mkdtemp(prefix="delve-memory-")
+        tracker = make_tracker(impl, model, folder, sample_rows if config == "sampled" else None)
     train_steps(model, optimizer, data, target, 2)
     if tracker is not None:
         tracker.add_saturations()
@@ -339,7 +346,8 @@ def overhead(result: Dict[str, Any], config: str) -> str:
 
 
 def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: bool, with_memory: bool) -> str:
-    header = ["model", "untracked ms/step", "delve ms/step", "overhead", "floor", f"sampled {sample_rows} rows", "floor (sampled)"]
+    header = ["model", "untracked ms/step", "delve ms/step", "overhead", "floor"]
+    header += [f"sampled {sample_rows} rows", "floor (sampled)"]
     if with_0150:
         header += ["0.1.50 overhead"]
     header += ["add_saturations s"]
@@ -389,7 +397,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats per configuration (median)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per repeat and configuration (default per model)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per repeat and configuration (default per model)"
+    )
     parser.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS, help="rows per batch when sampling")
     parser.add_argument("--delve-0150", default=None, metavar="PATH", help="folder holding delve 0.1.50's package")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -413,12 +423,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(memory_child(args._memory[0], args.impl, args._memory[1], args.sample_rows))
         return
     if args._timing:
-        result = time_model(args._timing, args.impl, ("untracked", "tracked"), args.repeats, args.sample_rows, args.steps)
+        configs = ("untracked", "tracked")
+        result = time_model(args._timing, args.impl, configs, args.repeats, args.sample_rows, args.steps)
         print(json.dumps(result))
         return
 
     started = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats", file=sys.stderr)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.repeats} interleaved repeats", file=sys.stderr)
     rows = []
     for name in args.models:
         row: Dict[str, Any] = {"label": LABELS[name]}
@@ -427,9 +439,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         row["floor_sampled"] = analytic_floor(model, data, args.sample_rows)
         row["ours"] = time_model(name, "ours", CONFIGS, args.repeats, args.sample_rows, args.steps)
         if args.delve_0150:
-            timing = [
-                "--_timing", name, "--impl", "0150", "--repeats", str(args.repeats),
-            ] + (["--steps", str(args.steps)] if args.steps else []) + (["--threads", str(args.threads)] if args.threads else [])
+            timing = ["--_timing", name, "--impl", "0150", "--repeats", str(args.repeats)]
+            timing += ["--steps", str(args.steps)] if args.steps else []
+            timing += ["--threads", str(args.threads)] if args.threads else []
             row["0150"] = json.loads(_child(timing, args.delve_0150))
         if not args.no_memory:
             row["memory"] = {
