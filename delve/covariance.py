@@ -36,9 +36,13 @@ How a batch gets in, cheaply and without losing precision:
    rank-one terms go through one small float64 GEMM, so the float64 work on
    the :math:`d \times d` matrix is a few passes per 16 GEMMs.
 
-Updates never synchronise with the device: a batch holding NaN or Inf (or
-values whose squares overflow the working precision) is left out through a
-device-side mask and counted in ``num_skipped_batches``.
+Updates never synchronise with the device (unless ``device`` asks for the
+state on the host while the activations live on a GPU: then each batch is
+copied over and waited for). A batch holding NaN or Inf, or values whose
+squares could overflow the working precision, is left out through a
+device-side mask and counted in ``num_skipped_batches``; a staged batch,
+which shares its GEMM with up to 1024 rows, is held to a stricter bound (rows
+of norm up to about ``1e16`` in float32).
 
 Sampling (``sample_rows=m``) keeps ``m`` rows of each batch, drawn uniformly at
 random without replacement, weighted by :math:`n_b / m`: the mean and the raw
@@ -406,7 +410,8 @@ class TorchCovarianceMatrix:
             return
         x = x.detach()
         if self.device is not None and x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
+            # A non-blocking copy to the host could be read before it lands; only copies to a device are.
+            x = x.to(self.device, non_blocking=self.device.type != "cpu")
         if self._m2 is None:
             self._init_state(dim, x.device)
         elif dim != self._m2.shape[0]:
@@ -502,9 +507,15 @@ class TorchCovarianceMatrix:
         count = row_weights.sum()
         rows.masked_fill_(row_dropped[:, None], 0.0)
         row_weights = row_weights.to(rows.dtype)
-        shift = (row_weights @ rows).div_(count.to(rows.dtype).clamp_min(1.0))
+        total = count.to(rows.dtype).clamp_min(1.0)
+        rough = (row_weights @ rows).div_(total)
+        rows.sub_(rough)
+        # A float32 GEMV sums without care: far from zero, its mean can miss by several standard
+        # deviations, which the GEMM would then square. The mean of the roughly centered rows is
+        # accurate, and the difference of two close float32 shifts is exact.
+        shift = rough + (row_weights @ rows).div_(total)
         roots = row_weights.sqrt_()
-        rows.sub_(shift).mul_(roots[:, None])
+        rows.sub_(shift - rough).mul_(roots[:, None])
         _add_gram_product(self._buffer("gram", (dim, dim)), rows.T, rows, beta=1.0 if self._entries else 0.0)
         self._add_entry(count, shift, roots @ rows, batch_bad)
 

@@ -1,6 +1,7 @@
 """TorchCovarianceMatrix at its default settings against numpy float64 on the same activations."""
 from __future__ import annotations
 
+import math
 from typing import List
 
 import numpy as np
@@ -75,6 +76,22 @@ def test_large_mean_small_spread_matches_numpy():
     batches = [b.to(torch.float32) for b in linear_batches(SIZES, mean=1e4, spread=0.01)]
     assert batches[0].dtype == torch.float32
     assert_matches(accumulate(batches), batches)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (500, 8), (2, 8, 3), (9000, 8), (4, 8, 2500)])
+def test_far_from_zero_with_tiny_spread_on_every_path(shape):
+    # Staged rows (5 x 8, 500 x 8, few conv positions) share one shift per staging buffer; a float32
+    # GEMV alone puts it several standard deviations off the mean here, which the GEMM then squares.
+    generator = torch.Generator().manual_seed(12)
+    means = 1e4 * (1 + 0.1 * torch.rand(8, generator=generator, dtype=torch.float64))
+    means = means[:, None] if len(shape) == 3 else means
+    batches = [
+        (torch.randn(*shape, generator=generator, dtype=torch.float64) * 1e-2 + means).float()
+        for _ in range(max(2, 10240 // math.prod(shape[::2] if len(shape) == 3 else shape[:1])))
+    ]
+    expected = reference_cov([rows_of(b) for b in batches])
+    cov = accumulate(batches).compute().numpy()
+    np.testing.assert_allclose(cov, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_autocast_bfloat16_outputs_match_numpy():

@@ -208,7 +208,9 @@ def assert_same_statistics(actual: dict, expected: dict) -> None:
     for key, value in expected.items():
         got = actual[key]
         if "covariance-matrix" in key:
-            np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-9 * np.abs(value).max())
+            # Merges are exact in float64; the float32 Grams of differently grouped rows (each rank
+            # stages its own) agree to float32 precision of the largest entry.
+            np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-6 * np.abs(value).max())
         elif isinstance(value, float) and math.isnan(value):
             assert math.isnan(got), key
         elif "intrinsic-dimensionality" in key:
