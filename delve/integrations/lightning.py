@@ -63,12 +63,15 @@ class SaturationCallback(pl.Callback):
         Prefix of the names sent to the loggers.
     log_to_trainer : bool
         Send the statistics to the trainer's loggers too.
-    checkpoint_statistics : bool
+    checkpoint_statistics : bool, optional
         Store what the tracker has accumulated in the trainer's checkpoints, so
         that a run resumed with ``ckpt_path`` goes on with the same statistics
         (the rows of ``reset_covariance=False`` or of a checkpoint taken
         mid-epoch come out as if the run had never stopped). Costs a float64
-        ``d x d`` matrix per tracked layer and mode in every checkpoint.
+        ``d x d`` matrix per tracked layer and mode in every checkpoint (150 MB
+        for two modes of a 3072-wide layer), so the default ``None`` stores them
+        only with ``reset_covariance=False``, where the statistics span the
+        whole run.
     **options
         Keyword arguments of :class:`~delve.tracker.SaturationTracker`;
         ``save_to`` defaults to ``'csv'`` and ``modules`` to the LightningModule.
@@ -90,14 +93,16 @@ class SaturationCallback(pl.Callback):
         every_n_steps: Optional[int] = None,
         log_prefix: str = "delve/",
         log_to_trainer: bool = True,
-        checkpoint_statistics: bool = True,
+        checkpoint_statistics: Optional[bool] = None,
         **options: Any,
     ) -> None:
         super().__init__()
         self.driver = TrackerDriver(savefile, every_n_steps, log_prefix, options)
         self.savefile = savefile
         self.log_to_trainer = log_to_trainer
-        self.checkpoint_statistics = checkpoint_statistics
+        if checkpoint_statistics is None:
+            checkpoint_statistics = options.get("reset_covariance") is False
+        self.checkpoint_statistics = bool(checkpoint_statistics)
         self._last_row_step = -1
         self._restored_tracker_state: Optional[Dict[str, Any]] = None
 
