@@ -157,13 +157,14 @@ def _forward_flops(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> f
 def analytic_floor(model: nn.Module, data: torch.Tensor, sample_rows: Optional[int] = None) -> float:
     """FLOPs of X^T X of every tracked output over the training FLOPs (3x forward) of those layers."""
     from delve.adapters import AdapterOptions, find_adapter
+    from delve.covariance import num_samples
     from delve.layers import find_layers
 
     options, totals = AdapterOptions(), {"gram": 0.0, "train": 0.0}
 
     def hook(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
         samples = find_adapter(module)(module, output, options)
-        rows = samples.shape[0] * samples.shape[2] if samples.ndim == 3 else samples.shape[0]
+        rows = num_samples(samples)
         if sample_rows is not None:
             rows = min(rows, sample_rows)
         totals["gram"] += 2.0 * rows * samples.shape[1] ** 2

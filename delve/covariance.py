@@ -123,6 +123,16 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def num_samples(samples: torch.Tensor) -> int:
+    """Rows of ``(n, d)`` samples or of ``(b, d, l)`` blocks (``b * l``), as ``update`` takes them."""
+    return samples.shape[0] * samples.shape[2] if samples.ndim == 3 else samples.shape[0]
+
+
+def as_rows(samples: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` samples as they are, ``(b, d, l)`` blocks as an ``(b * l, d)`` matrix."""
+    return samples.permute(0, 2, 1).reshape(-1, samples.shape[1]) if samples.ndim == 3 else samples
+
+
 class CovarianceMemoryError(ValueError):
     """A layer's covariance would need more memory than the budget allows."""
 
@@ -405,7 +415,7 @@ class TorchCovarianceMatrix:
         if x.ndim not in (2, 3):
             raise ValueError(f"x must have shape (n, d) or (b, d, l), got {tuple(x.shape)}")
         dim = x.shape[1]
-        num_rows = x.shape[0] * x.shape[2] if x.ndim == 3 else x.shape[0]
+        num_rows = num_samples(x)
         if num_rows == 0:
             return
         x = x.detach()
@@ -426,7 +436,7 @@ class TorchCovarianceMatrix:
         if self.sample_rows is not None and num_rows > self.sample_rows:
             x = self._sample(x, num_rows)
             weight = num_rows / self.sample_rows
-        num_kept = x.shape[0] * x.shape[2] if x.ndim == 3 else x.shape[0]
+        num_kept = num_samples(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
                 self._stage(x, num_kept, weight)
@@ -600,7 +610,7 @@ class TorchCovarianceMatrix:
         self._fold()
 
     def _save_rows(self, x: torch.Tensor) -> None:
-        rows = x.permute(0, 2, 1).reshape(-1, x.shape[1]) if x.ndim == 3 else x
+        rows = as_rows(x)
         rows = rows[: self.max_saved_samples - self._num_saved].to(torch.float32).clone()
         self._saved.append(rows)
         self._num_saved += rows.shape[0]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from delve.adapters import Adapter
-from delve.covariance import TorchCovarianceMatrix
+from delve.covariance import TorchCovarianceMatrix, as_rows
 
 if TYPE_CHECKING:
     from delve.tracker import SaturationTracker
@@ -60,13 +60,6 @@ def remove_handles(handles: Dict[str, torch.utils.hooks.RemovableHandle]) -> Non
     handles.clear()
 
 
-def num_samples(samples: torch.Tensor) -> int:
-    """Rows of an adapter's ``(n, d)`` or ``(b, d, l)`` samples."""
-    return samples.shape[0] * samples.shape[2] if samples.ndim == 3 else samples.shape[0]
-
-
 def take_samples(samples: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` rows of an adapter's samples, as an ``(count, d)`` matrix."""
-    if samples.ndim == 3:
-        samples = samples.permute(0, 2, 1).reshape(-1, samples.shape[1])
-    return samples[:count]
+    return as_rows(samples)[:count]

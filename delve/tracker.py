@@ -13,8 +13,8 @@ from torch import nn
 
 from delve import distributed, metrics
 from delve.adapters import AdapterOptions, check_layer_memory, find_adapter
-from delve.covariance import TorchCovarianceMatrix, resolve_sample_rows
-from delve.hooks import LayerState, ModeState, RecordingHook, num_samples, remove_handles, take_samples
+from delve.covariance import TorchCovarianceMatrix, num_samples, resolve_sample_rows
+from delve.hooks import LayerState, ModeState, RecordingHook, remove_handles, take_samples
 from delve.layers import ModuleSpec, find_layers
 from delve.writers import SaveTo, build_writer, check_save_to
 from delve.writers.base import MODES, STATMAP, AbstractWriter
