@@ -23,23 +23,66 @@ The plotting helpers of delve 0.1.50 (:func:`extract_layer_stat`,
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from collections.abc import MutableMapping
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from delve.writers.base import STATMAP, AbstractWriter, CompositWriter, parse_stat_name
 
-#: Writer keys accepted by ``save_to`` and the class each builds ("module:Class").
-WRITERS: Dict[str, str] = {
-    "csv": "delve.writers.csv:CSVWriter",
-    "npy": "delve.writers.npy:NPYWriter",
-    "print": "delve.writers.print:PrintWriter",
-    "console": "delve.writers.console:ConsoleWriter",
-    "tb": "delve.writers.tensorboard:TensorBoardWriter",
-    "tensorboard": "delve.writers.tensorboard:TensorBoardWriter",
-    "csvplotting": "delve.writers.plot:CSVandPlottingWriter",
-    "csvplot": "delve.writers.plot:CSVandPlottingWriter",
-    "plot": "delve.writers.plot:CSVandPlottingWriter",
-    "plotcsv": "delve.writers.plot:CSVandPlottingWriter",
-}
+class WriterRegistry(MutableMapping):
+    """Writer keys accepted by ``save_to`` and the writer class each builds, imported on first use.
+
+    ``WRITERS['csv']`` is the class (``WRITERS['csv'](savepath)`` builds a
+    writer, as in delve 0.1.50). Add a key of your own with
+    ``WRITERS['mine'] = MyWriter`` (or a ``'module:Class'`` string, imported
+    when first used); it is then valid in ``save_to``.
+    """
+
+    def __init__(self, targets: Mapping[str, Union[str, type]]) -> None:
+        self._targets: Dict[str, Union[str, type]] = dict(targets)
+
+    def __getitem__(self, key: str) -> type:
+        target = self._targets[key]
+        if isinstance(target, str):
+            module_name, class_name = target.split(":")
+            target = getattr(importlib.import_module(module_name), class_name)
+        return target
+
+    def __setitem__(self, key: str, target: Union[str, type]) -> None:
+        valid_class = isinstance(target, type) and issubclass(target, AbstractWriter)
+        if not isinstance(key, str) or not (valid_class or (isinstance(target, str) and ":" in target)):
+            raise ValueError(
+                f"WRITERS[{key!r}] must be a subclass of AbstractWriter or a 'module:Class' string, got {target!r}"
+            )
+        self._targets[key] = target
+
+    def __delitem__(self, key: str) -> None:
+        del self._targets[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def __repr__(self) -> str:
+        return f"WriterRegistry({list(self._targets)})"
+
+
+#: Writer keys accepted by ``save_to`` and the class each builds.
+WRITERS = WriterRegistry(
+    {
+        "csv": "delve.writers.csv:CSVWriter",
+        "npy": "delve.writers.npy:NPYWriter",
+        "print": "delve.writers.print:PrintWriter",
+        "console": "delve.writers.console:ConsoleWriter",
+        "tb": "delve.writers.tensorboard:TensorBoardWriter",
+        "tensorboard": "delve.writers.tensorboard:TensorBoardWriter",
+        "csvplotting": "delve.writers.plot:CSVandPlottingWriter",
+        "csvplot": "delve.writers.plot:CSVandPlottingWriter",
+        "plot": "delve.writers.plot:CSVandPlottingWriter",
+        "plotcsv": "delve.writers.plot:CSVandPlottingWriter",
+    }
+)
 
 _LAZY_NAMES: Dict[str, str] = {
     "CSVWriter": "delve.writers.csv",
@@ -55,11 +98,6 @@ _LAZY_NAMES: Dict[str, str] = {
 }
 
 SaveTo = Union[str, AbstractWriter, Sequence[Union[str, AbstractWriter]]]
-
-
-def _load(target: str) -> type:
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def check_save_to(save_to: Any) -> None:
@@ -95,10 +133,31 @@ def build_writer(save_to: SaveTo, writer_args: Optional[Mapping[str, Any]] = Non
     check_save_to(save_to)
     args = dict(writer_args or {})
     if isinstance(save_to, (list, tuple)):
-        return CompositWriter([build_writer(entry, args) for entry in save_to])
+        return CompositWriter([build_writer(entry, args) for entry in _distinct_writers(save_to)])
     if isinstance(save_to, AbstractWriter):
         return save_to
-    return _load(WRITERS[save_to])(**args)
+    return WRITERS[save_to](**args)
+
+
+def _distinct_writers(entries: Sequence[Union[str, AbstractWriter]]) -> List[Union[str, AbstractWriter]]:
+    """Keys that build the same class once, and none whose files another one writes already.
+
+    ``['csv', 'plot']`` keeps only ``'plot'``, whose writer (a CSVWriter subclass)
+    writes the CSV too: two writers of one file would write every row twice.
+    """
+    classes = {entry: WRITERS[entry] for entry in entries if isinstance(entry, str)}
+    kept: List[Union[str, AbstractWriter]] = []
+    kept_classes: List[type] = []
+    for entry in entries:
+        if isinstance(entry, AbstractWriter):
+            kept.append(entry)
+            continue
+        cls = classes[entry]
+        if cls in kept_classes or any(issubclass(other, cls) and other is not cls for other in classes.values()):
+            continue
+        kept.append(entry)
+        kept_classes.append(cls)
+    return kept
 
 
 def __getattr__(name: str) -> Any:
@@ -110,6 +169,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "STATMAP",
     "WRITERS",
+    "WriterRegistry",
     "AbstractWriter",
     "CompositWriter",
     "build_writer",

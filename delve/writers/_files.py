@@ -5,6 +5,12 @@ import os
 import tempfile
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file.
 
@@ -19,6 +25,9 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     os.makedirs(folder, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the mode open(path, "w") would (0666 minus the umask),
+        # so that colleagues and servers running as other users can read it.
+        os.fchmod(handle, 0o666 & ~_current_umask())
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -33,7 +42,7 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
 
 def append_bytes(path: str, data: bytes) -> None:
     """Append ``data`` to ``path`` in one ``write`` call, so a killed process never leaves half of it."""
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         written = os.write(handle, data)
         if written != len(data):

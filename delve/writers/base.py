@@ -21,6 +21,7 @@ STATMAP: Dict[str, str] = {
     "trc": "covariance-trace",
     "dtrc": "diagonal-trace",
     "embed": "embedded-sample",
+    "samples": "samples",
 }
 """Statistic keys and the names they carry in every output."""
 
@@ -105,6 +106,16 @@ class AbstractWriter(ABC):
             return False
         return True
 
+    def previous_outputs(self) -> List[str]:
+        """Files this writer would write that exist already: outputs of an earlier run in the same place.
+
+        A tracker that starts a fresh run (``initial_epoch=0``) moves them
+        aside before the first epoch, so that no stale file passes for one of
+        the new run. Writers that keep nothing on disk return an empty list
+        (the default).
+        """
+        return []
+
     @abstractmethod
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         """Continue an earlier run: keep what was written before ``initial_epoch``, number on from it."""
@@ -147,6 +158,9 @@ class CompositWriter(AbstractWriter):
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         for writer in self.writers:
             writer.resume_from_saved_state(initial_epoch)
+
+    def previous_outputs(self) -> List[str]:
+        return sorted({path for writer in self.writers for path in writer.previous_outputs()})
 
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         for writer in self.writers:

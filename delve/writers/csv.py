@@ -71,6 +71,9 @@ class CSVWriter(AbstractWriter):
         self.current: Dict[str, Any] = {}
         self._written_columns: List[str] | None = None
 
+    def previous_outputs(self) -> List[str]:
+        return [self.path] if os.path.exists(self.path) else []
+
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         """Keep the rows of epochs before ``initial_epoch`` and continue numbering there."""
         self.epoch = initial_epoch

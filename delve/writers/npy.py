@@ -88,6 +88,15 @@ class NPYWriter(AbstractWriter):
         encoded = _encode_name(name)
         return os.path.join(self.savepath, encoded, f"{encoded}_epoch{epoch}.npy")
 
+    def previous_outputs(self) -> List[str]:
+        found = [path for files in _scan_folder(self.savepath).values() for path in files.values()]
+        found += [
+            path
+            for path in (os.path.join(self.savepath, MANIFEST), self.savepath + ".zip")
+            if os.path.isfile(path)
+        ]
+        return found
+
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         """Keep the files of epochs before ``initial_epoch``, delete later ones, number on from it."""
         self.epoch = initial_epoch
@@ -171,6 +180,8 @@ def _read_manifest(folder: str) -> List[str]:
 def _scan_folder(folder: str) -> Dict[str, Dict[int, str]]:
     """Encoded value folder -> {epoch: file path} for every ``<name>/<name>_epoch<k>.npy``."""
     found: Dict[str, Dict[int, str]] = {}
+    if not os.path.isdir(folder):
+        return found
     for entry in sorted(os.listdir(folder)):
         subfolder = os.path.join(folder, entry)
         if not os.path.isdir(subfolder):

@@ -11,8 +11,9 @@ are left to the plot and npy writers.
 from __future__ import annotations
 
 import numbers
+import os
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import numpy as np
 
@@ -97,6 +98,15 @@ class TensorBoardWriter(AbstractWriter):
                 filename_suffix=f".{time.time_ns()}",
             )
         return self._writer
+
+    def previous_outputs(self) -> List[str]:
+        if not os.path.isdir(self.savepath):
+            return []
+        return [
+            os.path.join(self.savepath, name)
+            for name in sorted(os.listdir(self.savepath))
+            if name.startswith("events.out.tfevents.")
+        ]
 
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         """Number on from ``initial_epoch`` and hide the earlier run's events from that step on."""
