@@ -12,6 +12,7 @@ from typing import Any
 
 from delve.adapters import register_adapter
 from delve.covariance import TorchCovarianceMatrix
+from delve.statistics import register_statistic
 from delve.tracker import CheckLayerSat, SaturationTracker
 
 __version__ = "1.0.0"
@@ -27,7 +28,13 @@ _LAZY = {
 }
 
 
+# Submodules delve 0.1.50 made available on ``import delve``.
+_LAZY_MODULES = ("torchcallback", "torch_utils", "tools", "logger")
+
+
 def __getattr__(attribute: str) -> Any:
+    if attribute in _LAZY_MODULES:
+        return importlib.import_module(f"delve.{attribute}")
     if attribute in _LAZY:
         module_name, member = _LAZY[attribute]
         return getattr(importlib.import_module(module_name), member)
@@ -39,6 +46,7 @@ __all__ = [
     "CheckLayerSat",
     "TorchCovarianceMatrix",
     "register_adapter",
+    "register_statistic",
     "reconstruct_csv_from_npy_data",
     "__version__",
 ]

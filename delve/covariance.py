@@ -168,7 +168,8 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
     return dim * dim * (8 + work_bytes) + dim * _staging_rows(dim) * work_bytes + dim * 8 * 4
 
 
-def _format_bytes(nbytes: float) -> str:
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` in B, KiB, MiB, GiB or TiB, three significant digits (``format_bytes(3 * 2**20) == '3 MiB'``)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024:
             return f"{nbytes:.3g} {unit}"
@@ -206,8 +207,8 @@ def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int])
     nbytes = covariance_nbytes(dim)
     if memory_budget is not None and nbytes > memory_budget:
         raise CovarianceMemoryError(
-            f"layer {layer_name!r} has {dim} features: its covariance needs {_format_bytes(nbytes)} "
-            f"per mode, more than memory_budget={memory_budget} ({_format_bytes(memory_budget)}). "
+            f"layer {layer_name!r} has {dim} features: its covariance needs {format_bytes(nbytes)} "
+            f"per mode, more than memory_budget={memory_budget} ({format_bytes(memory_budget)}). "
             "Use conv_method='channelwise' or 'mean' instead of 'flatten', set interpolation_strategy "
             "to shrink feature maps, leave the layer out (ignore_layer_names, layer_filter) or raise "
             "memory_budget."
@@ -397,7 +398,7 @@ class TorchCovarianceMatrix:
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
-    def update(self, x: torch.Tensor, vae: bool = False) -> None:
+    def update(self, x: torch.Tensor, vae: bool = False, row_mask: Optional[torch.Tensor] = None) -> None:
         """Add a batch of samples.
 
         Parameters
@@ -409,11 +410,20 @@ class TorchCovarianceMatrix:
             which avoids a transposed copy).
         vae : bool
             Ignored; kept for compatibility with delve 0.1.50.
+        row_mask : torch.Tensor, optional
+            For ``(n, d)`` samples: ``n`` flags (bool or 0/1, an attention
+            mask), rows whose flag is 0 are left out. The rows are weighted on
+            the device, without synchronising with it.
         """
         if x.ndim == 1:
             x = x.unsqueeze(0)
         if x.ndim not in (2, 3):
             raise ValueError(f"x must have shape (n, d) or (b, d, l), got {tuple(x.shape)}")
+        if row_mask is not None and (x.ndim != 2 or tuple(row_mask.shape) != (x.shape[0],)):
+            raise ValueError(
+                f"row_mask must have one flag per row of (n, d) samples, got {tuple(row_mask.shape)} "
+                f"for samples of shape {tuple(x.shape)}"
+            )
         dim = x.shape[1]
         num_rows = num_samples(x)
         if num_rows == 0:
@@ -422,40 +432,50 @@ class TorchCovarianceMatrix:
         if self.device is not None and x.device != self.device:
             # A non-blocking copy to the host could be read before it lands; only copies to a device are.
             x = x.to(self.device, non_blocking=self.device.type != "cpu")
+        if row_mask is not None:
+            row_mask = row_mask.detach().to(x.device) != 0
         if self._m2 is None:
             self._init_state(dim, x.device)
         elif dim != self._m2.shape[0]:
             raise ValueError(f"x has {dim} features, the accumulator holds {self._m2.shape[0]}")
         if self.save_data and self._num_saved < self.max_saved_samples:
-            self._save_rows(x)
+            self._save_rows(x if row_mask is None else x[row_mask])
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if work_dtype != self._work_dtype:
             self._fold()
             self._work_dtype = work_dtype
         weight = 1.0
         if self.sample_rows is not None and num_rows > self.sample_rows:
-            x = self._sample(x, num_rows)
+            index = self._sample_index(x, num_rows)
+            x = self._take(x, index)
+            row_mask = None if row_mask is None else row_mask[index]
             weight = num_rows / self.sample_rows
         num_kept = num_samples(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
+            if row_mask is not None:
+                self._add_masked_batch(x, row_mask, weight)
+            elif num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
                 self._stage(x, num_kept, weight)
             else:
                 self._add_batch(x, num_kept, num_rows, weight)
 
-    def _sample(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """``sample_rows`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
+    def _sample_index(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Indices of ``sample_rows`` of the ``num_rows`` rows of ``x``, uniformly without replacement."""
         if x.device.type == "cpu":
             if self._python_rng is None:
                 self._python_rng = random.Random(self.seed)
-            index = torch.tensor(self._python_rng.sample(range(num_rows), self.sample_rows))
-        else:
-            if self._torch_rng is None:
-                self._torch_rng = torch.Generator(device=x.device)
-                self._torch_rng.manual_seed(self.seed)
-            index = torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[: self.sample_rows]
+            return torch.tensor(self._python_rng.sample(range(num_rows), self.sample_rows))
+        if self._torch_rng is None:
+            self._torch_rng = torch.Generator(device=x.device)
+            self._torch_rng.manual_seed(self.seed)
+        return torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[: self.sample_rows]
+
+    @staticmethod
+    def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` of ``x`` (of its ``(b * l, d)`` rows for blocks), as an ``(m, d)`` matrix."""
+        index = index.to(x.device)
         if x.ndim == 2:
-            return x.index_select(0, index.to(x.device))
+            return x.index_select(0, index)
         length = x.shape[2]
         return x[index // length, :, index % length]
 
@@ -554,6 +574,25 @@ class TorchCovarianceMatrix:
         if weight != 1.0:
             offset.mul_(weight)
         self._add_entry(finite.to(torch.float64).mul_(num_rows), shift, offset, ~finite)
+
+    def _add_masked_batch(self, x: torch.Tensor, row_mask: torch.Tensor, weight: float) -> None:
+        """``(n, d)`` rows of which only those flagged in ``row_mask`` count: centered on their mean,
+        the others zeroed, one GEMM (the count stays on the device)."""
+        self._close_staged()
+        num_rows, dim, dtype = x.shape[0], x.shape[1], self._work_dtype
+        keep = row_mask.to(dtype)[:, None]
+        count = row_mask.sum(dtype=torch.float64)
+        shift = torch.where(row_mask[:, None], x, 0).sum(dim=0, dtype=dtype).div_(count.clamp_min(1.0).to(dtype))
+        centered = torch.sub(x, shift, out=self._buffer("centered", (num_rows, dim))).mul_(keep)
+        first = not self._entries
+        gram = self._buffer("gram" if first else "staged", (dim, dim))
+        _add_gram_product(gram, centered.T, centered, beta=0.0, alpha=weight)
+        finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
+        gram.masked_fill_(~finite, 0.0)
+        if not first:
+            self._buffer("gram", (dim, dim)).add_(gram)
+        offset = centered.sum(dim=0).mul_(weight)
+        self._add_entry(finite.to(torch.float64).mul_(count * weight), shift, offset, ~finite)
 
     def _add_entry(self, count: torch.Tensor, shift: torch.Tensor, offset: torch.Tensor, skipped: torch.Tensor) -> None:
         """Queue rows already in the pending Gram matrix: their (weighted) count, the shift they
@@ -673,9 +712,19 @@ class TorchCovarianceMatrix:
 
     # ------------------------------------------------------- (de)serialisation
     def state_dict(self) -> Dict[str, Any]:
-        """Plain dict of the state (tensors are copies), with a ``version`` key."""
+        """Plain dict of the state (tensors are copies), with a ``version`` key.
+
+        With ``sample_rows``, the state of the row sampler is included, so that a
+        resumed run draws the same rows as an uninterrupted one.
+        """
         self._fold()
         state: Dict[str, Any] = {"version": _STATE_VERSION}
+        if self._python_rng is not None or self._torch_rng is not None:
+            state["sampler"] = {
+                "python": None if self._python_rng is None else self._python_rng.getstate(),
+                "torch": None if self._torch_rng is None else self._torch_rng.get_state(),
+                "torch_device": None if self._torch_rng is None else str(self._torch_rng.device),
+            }
         if self._m2 is not None:
             state.update(
                 count=self._count.clone(),
@@ -691,6 +740,7 @@ class TorchCovarianceMatrix:
         if version != _STATE_VERSION:
             raise ValueError(f"unsupported TorchCovarianceMatrix state version {version!r}")
         self.reset()
+        self._load_sampler(state.get("sampler"))
         if "m2" not in state:
             self._count = self._mean = self._m2 = self._num_skipped = None
             return
@@ -700,3 +750,14 @@ class TorchCovarianceMatrix:
         self._mean.copy_(state["mean"])
         self._m2.copy_(state["m2"])
         self._num_skipped.copy_(state["num_skipped"])
+
+    def _load_sampler(self, sampler: Optional[Dict[str, Any]]) -> None:
+        self._python_rng = self._torch_rng = None
+        if not sampler:
+            return
+        if sampler.get("python") is not None:
+            self._python_rng = random.Random()
+            self._python_rng.setstate(sampler["python"])
+        if sampler.get("torch") is not None:
+            self._torch_rng = torch.Generator(device=sampler["torch_device"])
+            self._torch_rng.set_state(sampler["torch"])

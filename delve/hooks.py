@@ -1,23 +1,80 @@
-"""Forward hooks of a :class:`~delve.tracker.SaturationTracker` and what each layer has recorded.
+"""How a tracker sees forward passes: one global forward hook and a recorder per tracked layer.
 
-A hook holds its tracker weakly, so that a model never keeps a tracker alive;
-the tracker removes every hook through :func:`remove_handles` on ``close()``,
-on exit of its ``with`` block, or when it is garbage collected.
+A :class:`LayerRecorder` owns everything one layer records: its adapter (how
+outputs become samples), its padding mask rule and its accumulators per mode.
+Recorders are not stored on the user's modules. One forward hook registered
+with :func:`torch.nn.modules.module.register_module_forward_hook` looks the
+calling module up by identity and hands the output to its recorders. So a
+tracked model stays a plain model: ``copy.deepcopy`` (EMA copies,
+``AveragedModel``, best-model snapshots) gives a copy that feeds nothing,
+``pickle`` / ``torch.save`` and ``torch.jit.script`` see no hook of delve's
+(except the two below).
+
+A model whose ``forward`` takes an ``attention_mask`` (Hugging Face models) gets
+one forward pre-hook of its own, :class:`MaskHook`, that reads the mask from
+the call's keyword arguments. It pickles and deep-copies to :class:`InertHook`,
+which does nothing. So does :class:`FastPathGuard`, the do-nothing hook that
+keeps :class:`torch.nn.TransformerEncoderLayer`'s fused eval path from skipping
+the tracked layers inside it.
+
+Forward passes that are not ordinary are skipped and counted, never recorded
+and never held against the layer: the recomputation of
+``torch.utils.checkpoint`` during backward (the layer was recorded in the
+forward), ``torch.jit.trace``, and ``torch.func`` transforms (``vmap``,
+``grad``, ``jacrev``). A layer is given up only after
+:data:`MAX_CONSECUTIVE_FAILURES` failing ordinary forwards in a row.
 """
 from __future__ import annotations
 
-import weakref
+import inspect
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
-from delve.adapters import Adapter
-from delve.covariance import TorchCovarianceMatrix, as_rows
+from delve.adapters import AdapterOptions, LayerAdapter, first_tensor
+from delve.covariance import TorchCovarianceMatrix, as_rows, num_samples
 
-if TYPE_CHECKING:
-    from delve.tracker import SaturationTracker
+#: A layer whose recording fails on this many ordinary forward passes in a row is given up.
+MAX_CONSECUTIVE_FAILURES = 3
+
+#: Keyword arguments of a model's forward that :class:`MaskHook` reads.
+MASK_KEYWORDS = ("attention_mask", "decoder_attention_mask")
+
+
+@dataclass
+class RecordingContext:
+    """What all recorders of one tracker share: switches, per-epoch limits and the current padding masks.
+
+    Attributes
+    ----------
+    options : AdapterOptions
+        How outputs become samples.
+    log_interval : int
+        Record one forward pass in every ``log_interval`` of each layer and mode.
+    max_samples : int or None
+        Rows per layer and mode after which recording stops until the next reset.
+    record : bool
+        Whether the recorders record at all (``tracker.stop()`` / ``resume()``).
+    mask_padding : bool
+        Whether token rows outside the attention mask are left out.
+    masks : dict
+        ``'attention_mask'`` / ``'decoder_attention_mask'`` of the model's
+        current forward pass (set by :class:`MaskHook`).
+    manual_mask : torch.Tensor or None
+        A mask given by hand (``tracker.padding_mask(mask)``); it wins over the model's.
+    """
+
+    options: AdapterOptions
+    log_interval: int = 1
+    max_samples: Optional[int] = None
+    record: bool = True
+    mask_padding: bool = True
+    masks: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    manual_mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -29,37 +86,322 @@ class ModeState:
     rows: int = 0
 
 
-@dataclass
-class LayerState:
-    """How one layer's outputs become samples, and its accumulators per mode."""
+#: Name parts of cross-attention modules in Hugging Face models (BART/Whisper, T5, BERT decoders).
+CROSS_ATTENTION_PARTS = frozenset({"encoder_attn", "EncDecAttention", "crossattention", "cross_attn"})
 
-    adapter: Adapter
-    modes: Dict[str, ModeState] = field(default_factory=dict)
-    warned_nonfinite: bool = False
+#: Name parts of the key and value projections, which read the encoder's positions in cross-attention.
+KEY_VALUE_PARTS = frozenset({"k", "v", "k_proj", "v_proj", "key", "value"})
 
 
-class RecordingHook:
-    """Forward hook of one layer; holds the tracker weakly so that the model never keeps it alive."""
+def padding_mask_key(layer_name: str) -> str:
+    """Which keyword's mask covers the positions of a layer's output, from its name.
 
-    __slots__ = ("_tracker", "layer_name")
+    A decoder's layers (a name part ``decoder``) run over the decoder's
+    positions (``decoder_attention_mask``), except the key and value
+    projections of its cross-attention, which read the encoder's positions;
+    every other layer uses ``attention_mask``.
 
-    def __init__(self, tracker: "SaturationTracker", layer_name: str) -> None:
-        self._tracker = weakref.ref(tracker)
-        self.layer_name = layer_name
-
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        tracker = self._tracker()
-        if tracker is not None:
-            tracker._record(self.layer_name, module, output)
-
-
-def remove_handles(handles: Dict[str, torch.utils.hooks.RemovableHandle]) -> None:
-    """Remove every hook in ``handles`` and empty it."""
-    for handle in handles.values():
-        handle.remove()
-    handles.clear()
+    Examples
+    --------
+    >>> padding_mask_key("decoder-block-0-layer-0-SelfAttention-q")
+    'decoder_attention_mask'
+    >>> padding_mask_key("decoder-block-0-layer-1-EncDecAttention-k")
+    'attention_mask'
+    """
+    parts = set(layer_name.split("-"))
+    cross_key_value = bool(parts & CROSS_ATTENTION_PARTS) and layer_name.split("-")[-1] in KEY_VALUE_PARTS
+    return "decoder_attention_mask" if "decoder" in parts and not cross_key_value else "attention_mask"
 
 
-def take_samples(samples: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` rows of an adapter's samples, as an ``(count, d)`` matrix."""
-    return as_rows(samples)[:count]
+def _is_special_forward() -> bool:
+    """Whether this forward pass is a checkpoint recomputation, a trace, or inside a torch.func transform."""
+    return (
+        torch._C._current_graph_task_id() != -1
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
+
+
+class LayerRecorder:
+    """Turn one layer's outputs into samples and accumulate them, per mode.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name in every output.
+    module : torch.nn.Module
+        The layer.
+    adapter : LayerAdapter
+        How its outputs become samples.
+    context : RecordingContext
+        Shared with the tracker's other recorders.
+    accumulators : dict
+        Mode (``'train'``, ``'eval'``) to an empty accumulator.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        adapter: LayerAdapter,
+        context: RecordingContext,
+        accumulators: Dict[str, TorchCovarianceMatrix],
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.adapter = adapter
+        self.context = context
+        self.modes = {mode: ModeState(accumulator) for mode, accumulator in accumulators.items()}
+        self.mask_key = padding_mask_key(name)
+        self.active = True
+        #: Forward passes skipped because they were no ordinary ones (see the module docstring).
+        self.skipped_calls = 0
+        #: Failing forward passes, and how many of them came in a row.
+        self.failures = 0
+        self.consecutive_failures = 0
+        #: Rows of the latest recorded forward pass (before masking and ``max_samples``), for the summary.
+        self.rows_per_forward: Optional[int] = None
+        self.warned_skipped_batches = 0
+
+    def __call__(self, module: nn.Module, output: Any) -> None:
+        """Hot path: record one forward pass's output (no host-device synchronisation)."""
+        context = self.context
+        if not (self.active and context.record):
+            return
+        if _is_special_forward():
+            self.skipped_calls += 1
+            return
+        state = self.modes["train" if module.training else "eval"]
+        call = state.calls
+        state.calls += 1
+        if call % context.log_interval:
+            return
+        max_samples = context.max_samples
+        if max_samples is not None and state.rows >= max_samples:
+            return
+        try:
+            with torch.no_grad():
+                self._record(module, output, state, max_samples)
+        except Exception as error:  # a tracking failure must never stop training
+            self._failed(error)
+        else:
+            self.consecutive_failures = 0
+
+    def _record(self, module: nn.Module, output: Any, state: ModeState, max_samples: Optional[int]) -> None:
+        head = first_tensor(output)
+        if isinstance(head, torch.Tensor) and head.numel() == 0:
+            return
+        samples, row_mask = self._samples(module, output)
+        if samples is None:
+            return
+        count = num_samples(samples)
+        if count == 0:
+            return
+        self.rows_per_forward = count
+        if max_samples is not None and state.rows + count > max_samples:
+            keep = max_samples - state.rows
+            samples = as_rows(samples)[:keep]
+            row_mask = None if row_mask is None else row_mask[:keep]
+            count = keep
+        state.accumulator.update(samples, row_mask=row_mask)
+        state.rows += count
+
+    def _samples(self, module: nn.Module, output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The samples of one output, and the mask of its rows when padding is left out."""
+        options = self.context.options
+        mask = self._mask()
+        if mask is not None:
+            tokens = self.adapter.tokens(module, output, options)
+            if tokens is not None and tuple(tokens.shape[:2]) == tuple(mask.shape):
+                return tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1).to(tokens.device)
+        return self.adapter.samples(module, output, options), None
+
+    def _mask(self) -> Optional[torch.Tensor]:
+        context = self.context
+        if not context.mask_padding:
+            return None
+        if context.manual_mask is not None:
+            return context.manual_mask
+        return context.masks.get(self.mask_key)
+
+    def _failed(self, error: BaseException) -> None:
+        self.failures += 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            self.active = False
+            warnings.warn(
+                f"delve stopped tracking layer {self.name!r} after {self.consecutive_failures} failing forward "
+                f"passes in a row: {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif self.failures == 1:
+            warnings.warn(
+                f"delve skipped a forward pass of layer {self.name!r} ({type(error).__name__}: {error}); the "
+                f"layer is given up after {MAX_CONSECUTIVE_FAILURES} failures in a row",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+class InertHook:
+    """What a hook of delve becomes in a copy or an unpickled model: a forward (pre-)hook that does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+class MaskHook:
+    """Forward pre-hook (with keyword arguments) of a model root: keeps its padding masks for the recorders."""
+
+    __name__ = "delve_mask_hook"
+
+    def __init__(self, context: RecordingContext) -> None:
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        masks = self.context.masks
+        for keyword in MASK_KEYWORDS:
+            value = kwargs.get(keyword)
+            masks[keyword] = value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+        return None
+
+    def __reduce__(self) -> Tuple[type, Tuple[()]]:
+        return InertHook, ()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> InertHook:
+        return InertHook()
+
+
+class FastPathGuard(InertHook):
+    """A forward hook that does nothing but exist: it keeps fused fast paths from skipping tracked layers.
+
+    In eval mode :class:`torch.nn.TransformerEncoderLayer` computes attention and
+    feed-forward in one fused kernel, without calling its submodules, unless a
+    hook is attached to one of them. A tracked layer inside one gets this guard
+    so that its eval outputs are seen (as they were with per-module hooks).
+    """
+
+    __name__ = "delve_fast_path_guard"
+
+    def __reduce__(self) -> Tuple[type, Tuple[()]]:
+        return InertHook, ()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> InertHook:
+        return InertHook()
+
+
+def fast_path_owners(roots: Iterable[nn.Module], tracked: Iterable[nn.Module]) -> List[nn.Module]:
+    """Modules under ``roots`` whose fused fast path would skip one of the ``tracked`` layers."""
+    tracked_ids = {id(module) for module in tracked}
+    owners = []
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, nn.TransformerEncoderLayer) and any(
+                id(sub) in tracked_ids for sub in module.modules() if sub is not module
+            ):
+                owners.append(module)
+    return owners
+
+
+def takes_attention_mask(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has an ``attention_mask`` parameter (the Hugging Face convention)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(keyword in parameters for keyword in MASK_KEYWORDS)
+
+
+# Recorders of every open tracker, by the identity of the module they watch.
+_RECORDERS: Dict[int, Tuple[LayerRecorder, ...]] = {}
+_GLOBAL_HANDLE: List[torch.utils.hooks.RemovableHandle] = []
+
+
+def _dispatch(module: nn.Module, inputs: Any, output: Any) -> None:
+    recorders = _RECORDERS.get(id(module))
+    if recorders is not None:
+        for recorder in recorders:
+            if recorder.module is module:
+                recorder(module, output)
+
+
+class HookHandle:
+    """Removes the recorders and mask hooks of one tracker; idempotent, like :class:`~torch.utils.hooks.RemovableHandle`.
+
+    Parameters
+    ----------
+    recorders : iterable of LayerRecorder
+        Attached now, detached by :meth:`remove`.
+    mask_roots : iterable of torch.nn.Module
+        Models that get a :class:`MaskHook` (those whose forward takes ``attention_mask``).
+    context : RecordingContext
+        Given to the mask hooks.
+    guarded : iterable of torch.nn.Module
+        Modules that get a :class:`FastPathGuard` (see :func:`fast_path_owners`).
+    """
+
+    def __init__(
+        self,
+        recorders: Iterable[LayerRecorder],
+        mask_roots: Iterable[nn.Module],
+        context: RecordingContext,
+        guarded: Iterable[nn.Module] = (),
+    ) -> None:
+        self.recorders: List[LayerRecorder] = []
+        self._module_handles = [
+            root.register_forward_pre_hook(MaskHook(context), with_kwargs=True) for root in mask_roots
+        ]
+        self._module_handles += [module.register_forward_hook(FastPathGuard()) for module in guarded]
+        for recorder in recorders:
+            self.add(recorder)
+
+    def add(self, recorder: LayerRecorder) -> None:
+        """Attach one more recorder."""
+        key = id(recorder.module)
+        _RECORDERS[key] = _RECORDERS.get(key, ()) + (recorder,)
+        self.recorders.append(recorder)
+        if not _GLOBAL_HANDLE:
+            _GLOBAL_HANDLE.append(module_hooks.register_module_forward_hook(_dispatch))
+
+    def discard(self, recorder: LayerRecorder) -> None:
+        """Detach one recorder (nothing if it is not attached)."""
+        if recorder not in self.recorders:
+            return
+        self.recorders.remove(recorder)
+        key = id(recorder.module)
+        remaining = tuple(other for other in _RECORDERS.get(key, ()) if other is not recorder)
+        if remaining:
+            _RECORDERS[key] = remaining
+        else:
+            _RECORDERS.pop(key, None)
+        if not _RECORDERS and _GLOBAL_HANDLE:
+            _GLOBAL_HANDLE.pop().remove()
+
+    def remove(self) -> None:
+        """Detach every recorder and remove the mask hooks; calling it again does nothing."""
+        for recorder in list(self.recorders):
+            self.discard(recorder)
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles = []
+
+
+def attached_recorders(module: nn.Module) -> Tuple[LayerRecorder, ...]:
+    """Recorders of open trackers that watch ``module`` (empty when none does)."""
+    return tuple(recorder for recorder in _RECORDERS.get(id(module), ()) if recorder.module is module)
+
+
+__all__: List[str] = [
+    "FastPathGuard",
+    "HookHandle",
+    "InertHook",
+    "LayerRecorder",
+    "MaskHook",
+    "ModeState",
+    "RecordingContext",
+    "attached_recorders",
+    "fast_path_owners",
+    "padding_mask_key",
+    "takes_attention_mask",
+]

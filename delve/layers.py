@@ -8,8 +8,9 @@ names. A module reached twice (shared) is tracked once, under its first path.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Union
 
 from torch import nn
 
@@ -29,28 +30,103 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _walk(module: nn.Module, prefix: str, found: "OrderedDict[str, nn.Module]", seen: set) -> None:
+BlockTypes = Union[None, str, type, Iterable[Union[str, type]]]
+
+
+def block_matcher(blocks: BlockTypes) -> Callable[[nn.Module], bool]:
+    """A predicate telling whether a module is one of ``blocks``.
+
+    Parameters
+    ----------
+    blocks : type, str, list of them, or None
+        Module classes, or class names (``'GPT2Block'``, matched against the
+        name of every class in a module's MRO, so no import is needed).
+
+    Returns
+    -------
+    callable
+        ``matches(module) -> bool``; always ``False`` for ``None``.
+
+    Raises
+    ------
+    ValueError
+        If an entry is neither a subclass of ``torch.nn.Module`` nor a str.
+
+    Examples
+    --------
+    >>> matches = block_matcher(["Sequential"])
+    >>> matches(nn.Sequential()), matches(nn.Linear(1, 1))
+    (True, False)
+    """
+    if blocks is None:
+        return lambda module: False
+    entries = [blocks] if isinstance(blocks, (str, type)) else list(blocks)
+    types, names = [], set()
+    for entry in entries:
+        if isinstance(entry, str) and entry:
+            names.add(entry)
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            types.append(entry)
+        else:
+            raise ValueError(
+                f"blocks must hold torch.nn.Module classes or class names (str), got {entry!r}"
+            )
+    kinds = tuple(types)
+
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, kinds) or any(cls.__name__ in names for cls in type(module).__mro__)
+
+    return matches
+
+
+def _walk(
+    module: nn.Module,
+    prefix: str,
+    found: "OrderedDict[str, nn.Module]",
+    seen: set,
+    is_block: Callable[[nn.Module], bool],
+) -> None:
     for child_name, child in module.named_children():
         if child is None or id(child) in seen:
             continue
         seen.add(id(child))
         path = child_name if not prefix else f"{prefix}-{child_name}"
-        if find_adapter(child) is not None:
-            found[path] = child
+        if is_block(child):
+            found[_unique(path, found)] = child
+            _walk(unwrap(child), path, found, seen, is_block)
+        elif find_adapter(child) is not None:
+            found[_unique(path, found)] = child
         else:
-            _walk(unwrap(child), path, found, seen)
+            _walk(unwrap(child), path, found, seen, is_block)
 
 
-def _entry_layers(entry: nn.Module, index: int) -> "OrderedDict[str, nn.Module]":
+def _entry_layers(entry: nn.Module, index: int, is_block: Callable[[nn.Module], bool]) -> "OrderedDict[str, nn.Module]":
     root = unwrap(entry)
     if find_adapter(root) is not None:
         return OrderedDict([(f"Module-{index}-{type(root).__name__}", root)])
     found: "OrderedDict[str, nn.Module]" = OrderedDict()
-    _walk(root, "", found, {id(root)})
+    _walk(root, "", found, {id(root)}, is_block)
     return found
 
 
-def find_layers(modules: ModuleSpec, include_conv: bool = True) -> "OrderedDict[str, nn.Module]":
+def _unique(name: str, taken: "OrderedDict[str, nn.Module]") -> str:
+    """``name``, or ``name#2``, ``name#3``... if a layer of that name exists already (with a warning)."""
+    if name not in taken:
+        return name
+    suffix = 2
+    while f"{name}#{suffix}" in taken:
+        suffix += 1
+    unique = f"{name}#{suffix}"
+    warnings.warn(
+        f"two layers map to the name {name!r} (module paths are joined with '-'); the second is named {unique!r}",
+        stacklevel=4,
+    )
+    return unique
+
+
+def find_layers(
+    modules: ModuleSpec, include_conv: bool = True, blocks: BlockTypes = None
+) -> "OrderedDict[str, nn.Module]":
     """Supported layers under ``modules``, in registration (usually forward) order.
 
     Parameters
@@ -59,12 +135,18 @@ def find_layers(modules: ModuleSpec, include_conv: bool = True) -> "OrderedDict[
         A model, a single layer, or a list of layers and models.
     include_conv : bool
         ``False`` leaves out every (transposed) convolution.
+    blocks : type, str or list of them, optional
+        Module types (or class names) whose whole output is tracked too (a
+        transformer block, a ResNet stage); the layers inside them are found
+        as usual.
 
     Returns
     -------
     OrderedDict
         Layer name to module. When two entries of a list would give the same
         name, each of those entries' names gets the prefix ``Module-<i>-``.
+        Names are unique: a path that maps to a name already taken (a module
+        named ``"x-0"`` beside ``x[0]``) gets a suffix ``#2``, with a warning.
 
     Raises
     ------
@@ -79,11 +161,17 @@ def find_layers(modules: ModuleSpec, include_conv: bool = True) -> "OrderedDict[
     >>> list(find_layers([nn.Linear(2, 2), net]))
     ['Module-0-Linear', '0', '3']
     """
-    entries: List[nn.Module] = [modules] if isinstance(modules, nn.Module) else list(modules)
+    if isinstance(modules, nn.Module):
+        entries: List[nn.Module] = [modules]
+    elif isinstance(modules, Iterable) and not isinstance(modules, (str, bytes, Mapping)):
+        entries = list(modules)
+    else:
+        raise TypeError(f"modules must be a torch.nn.Module or a list of them, got {type(modules).__name__}")
     for entry in entries:
         if not isinstance(entry, nn.Module):
             raise TypeError(f"modules must be a torch.nn.Module or a list of them, got {type(entry).__name__}")
-    per_entry = [_entry_layers(entry, index) for index, entry in enumerate(entries)]
+    is_block = block_matcher(blocks)
+    per_entry = [_entry_layers(entry, index, is_block) for index, entry in enumerate(entries)]
     owners: Dict[str, List[int]] = {}
     for index, layers in enumerate(per_entry):
         for name in layers:
@@ -98,5 +186,5 @@ def find_layers(modules: ModuleSpec, include_conv: bool = True) -> "OrderedDict[
             seen_modules.add(id(layer))
             if index in clashing and not name.startswith(f"Module-{index}-"):
                 name = f"Module-{index}-{name}"
-            result[name] = layer
+            result[_unique(name, result)] = layer
     return result

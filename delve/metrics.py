@@ -17,6 +17,7 @@ and the saturation is :math:`\\operatorname{idim}_\\delta(Q) / d`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Union
 
 import numpy as np
@@ -44,8 +45,8 @@ def check_share(parameter: str, value: Any) -> float:
     ----------
     parameter : str
         Name of the parameter, for the error message.
-    value : int or float
-        The value given.
+    value : numbers.Real
+        The value given (Python or numpy int or float).
 
     Returns
     -------
@@ -55,7 +56,7 @@ def check_share(parameter: str, value: Any) -> float:
     Raises
     ------
     ValueError
-        If ``value`` is not an int or float in ``(0, 1]`` (``bool`` is refused).
+        If ``value`` is not a real number in ``(0, 1]`` (``bool`` is refused).
 
     Examples
     --------
@@ -66,7 +67,7 @@ def check_share(parameter: str, value: Any) -> float:
     ...
     ValueError: thresh must be a number in (0, 1], got 1.5
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"{parameter} must be a number in (0, 1], got {value!r}")
     return float(value)
 

@@ -1,4 +1,26 @@
-"""Import path of delve 0.1.50 for the tracker; the code lives in :mod:`delve.tracker`."""
-from delve.tracker import CheckLayerSat, SaturationTracker
+"""Import path of delve 0.1.50 for the tracker and what its module exposed; the code lives elsewhere.
 
-__all__ = ["SaturationTracker", "CheckLayerSat"]
+``from delve.torchcallback import SaturationTracker, TorchCovarianceMatrix, STATMAP, WRITERS,
+CompositWriter, NPYWriter, compute_saturation`` keeps working (and so does ``import *``,
+which gives every public name, as in 0.1.50).
+"""
+from typing import Any
+
+from delve.covariance import TorchCovarianceMatrix
+from delve.logger import log
+from delve.metrics import (
+    compute_cov_determinant,
+    compute_cov_trace,
+    compute_diag_trace,
+    compute_intrinsic_dimensionality,
+    compute_saturation,
+)
+from delve.tracker import CheckLayerSat, SaturationTracker
+from delve.writers import STATMAP, WRITERS, CompositWriter
+
+
+def __getattr__(name: str) -> Any:
+    # The writer classes of 0.1.50 (NPYWriter, ...) load on first use, as in delve.writers.
+    import delve.writers
+
+    return getattr(delve.writers, name)

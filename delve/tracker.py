@@ -1,30 +1,45 @@
-"""The tracker: wiring from forward hooks to accumulators, statistics and writers."""
+"""The tracker: wiring from recorders to statistics and writers.
+
+:class:`SaturationTracker` chooses the layers, gives each a
+:class:`~delve.hooks.LayerRecorder`, reads the recorders' accumulators on
+:meth:`~SaturationTracker.add_saturations`, asks :mod:`delve.statistics` for the
+values and hands them to the writers. It never gets called back by the hooks.
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
+import numbers
 import os
+import shutil
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from delve import distributed, metrics
-from delve.adapters import AdapterOptions, check_layer_memory, find_adapter
-from delve.covariance import TorchCovarianceMatrix, num_samples, resolve_sample_rows
-from delve.hooks import LayerState, ModeState, RecordingHook, remove_handles, take_samples
-from delve.layers import ModuleSpec, find_layers
+from delve import distributed, metrics, statistics
+from delve.adapters import BLOCK_ADAPTER, AdapterOptions, LayerAdapter, check_layer_memory, find_layer_adapter
+from delve.compat import TrackerCompat
+from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, resolve_sample_rows
+from delve.hooks import HookHandle, LayerRecorder, RecordingContext, fast_path_owners, takes_attention_mask
+from delve.layers import BlockTypes, ModuleSpec, block_matcher, find_layers, unwrap
+from delve.summary import tracking_summary
+from delve.validation import check_integer, check_path
 from delve.writers import SaveTo, build_writer, check_save_to
 from delve.writers.base import MODES, STATMAP, AbstractWriter
 
 _STATE_VERSION = 1
 
-#: Statistic keys accepted by ``stats``; their output names are in :data:`delve.writers.STATMAP`.
+#: Seconds ``add_saturations()`` runs before it shows a progress bar (quick calls show none).
+PROGRESS_DELAY_S = 2.0
+
+#: Statistic keys accepted by ``stats`` when delve is imported (see :func:`delve.register_statistic`).
 SUPPORTED_STATS = tuple(STATMAP)
 
-_EIGENVALUE_STATS = {"lsat", "idim", "dtrc"}
 _LayerFilter = Callable[[Dict[str, nn.Module]], Dict[str, nn.Module]]
 
 
@@ -34,17 +49,22 @@ def _keep_all_layers(layers: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
 
 def _normalize_stats(stats: Union[str, Iterable[str]]) -> List[str]:
     """Validate ``stats``; ``'lsat_eval'``-style keys of 0.1.50 mean their base key."""
-    requested = [stats] if isinstance(stats, str) else list(stats)
+    if isinstance(stats, str):
+        requested = [stats]
+    elif isinstance(stats, Iterable) and not isinstance(stats, Mapping):
+        requested = list(stats)
+    else:
+        raise ValueError(f"stats must be a statistic key or a list of them (e.g. ['lsat', 'idim']), got {stats!r}")
+    if not requested:
+        raise ValueError(
+            f"stats is empty: name at least one statistic, from {', '.join(map(repr, statistics.statistic_keys()))}"
+        )
     normalized: List[str] = []
     for stat in requested:
         base = stat
         if isinstance(stat, str) and stat not in STATMAP and stat.rsplit("_", 1)[-1] in MODES:
             base = stat.rsplit("_", 1)[0]
-        if base not in STATMAP:
-            raise ValueError(
-                f"stats contains {stat!r}, which is not a statistic; choose from "
-                f"{', '.join(map(repr, SUPPORTED_STATS))}"
-            )
+        statistics.get_statistic(base if isinstance(base, str) else repr(base))
         if base not in normalized:
             normalized.append(base)
     return normalized
@@ -57,6 +77,8 @@ def _resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.de
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device={device!r} is not a torch device: {error}") from None
+    if resolved.type == "meta":
+        raise ValueError("device='meta' holds no data; use None (beside the activations), 'cpu' or 'cuda'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(
             f"device={device!r} but CUDA is not available; delve keeps its statistics on the "
@@ -67,27 +89,47 @@ def _resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.de
     return resolved
 
 
-class SaturationTracker:
+def _layer_names(parameter: str, names: Union[str, Iterable[str]]) -> List[str]:
+    """A str is one name (not its characters); otherwise an iterable of str."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, Iterable) and not isinstance(names, Mapping):
+        listed = list(names)
+        if all(isinstance(name, str) for name in listed):
+            return listed
+    raise ValueError(f"{parameter} must be a layer name or a list of layer names, got {names!r}")
+
+
+def _explicit_layers(modules: ModuleSpec) -> set:
+    """Identities of the layers given themselves in ``modules`` (not found inside a model)."""
+    entries = [modules] if isinstance(modules, nn.Module) else list(modules)
+    return {id(unwrap(entry)) for entry in entries if find_layer_adapter(unwrap(entry)) is not None}
+
+
+class SaturationTracker(TrackerCompat):
     """Record the saturation and other statistics of every supported layer during training.
 
-    Forward hooks feed each layer's outputs into a running covariance per mode
-    (train or eval, decided by the layer's ``training`` flag). Each call of
-    :meth:`add_saturations` computes the statistics from everything seen since
-    the previous call, hands them to the writers (one row / epoch), and resets.
+    A global forward hook feeds each layer's outputs into a running covariance
+    per mode (train or eval, decided by the layer's ``training`` flag). Each
+    call of :meth:`add_saturations` computes the statistics from everything
+    seen since the previous call, hands them to the writers (one row / epoch),
+    and resets.
 
     Parameters
     ----------
-    savefile : str
+    savefile : str or os.PathLike
         Path of the run: the CSV is ``savefile + '.csv'``, plots and npy files
-        go into the folder ``savefile``.
+        go into the folder ``savefile``. A fresh run (``initial_epoch=0``) moves
+        the outputs of an earlier run in the same place to ``savefile +
+        '.previous'`` (replacing an older backup there) and says so.
     save_to : str, AbstractWriter or list of them
         Writer key (``'csv'``, ``'print'``, and the other keys of
         :data:`delve.writers.WRITERS`), a writer instance, or a list of either.
     modules : torch.nn.Module or list of torch.nn.Module
         A model, a single layer, or a list of layers and models. Supported
-        layers: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, RNN, LSTM, GRU,
-        their cells, MultiheadAttention, and any type registered with
-        :func:`delve.register_adapter`.
+        layers: Linear, Hugging Face's Conv1D, Conv1d/2d/3d,
+        ConvTranspose1d/2d/3d, RNN, LSTM, GRU, their cells, MultiheadAttention,
+        and any type registered with :func:`delve.register_adapter`.
     layer_filter : callable
         Takes the dict of layer name to module and returns it with unwanted
         layers removed. Default: keep all.
@@ -97,11 +139,13 @@ class SaturationTracker:
         Record one forward pass in every ``log_interval`` of each layer and mode.
     max_samples : int, optional
         Stop recording a layer in a mode after this many samples per epoch.
-    stats : list of str
-        Statistics to compute: ``lsat`` (saturation), ``idim`` (intrinsic
-        dimensionality), ``cov`` (covariance matrix), ``det`` (determinant),
-        ``trc`` (trace), ``dtrc`` (sum of eigenvalues), ``embed`` (a sample of
-        outputs projected on the top two eigenvectors).
+    stats : str or list of str
+        Statistics to compute, keys of :func:`delve.statistics.statistic_keys`:
+        ``lsat`` (saturation), ``idim`` (intrinsic dimensionality), ``cov``
+        (covariance matrix), ``det`` (determinant), ``trc`` (trace), ``dtrc``
+        (sum of eigenvalues), ``embed`` (a sample of outputs projected on the
+        top two eigenvectors), ``samples`` (the number of samples behind the
+        statistics), and any registered with :func:`delve.register_statistic`.
     layerwise_sat : bool
         Write the per-layer statistics.
     reset_covariance : bool
@@ -110,7 +154,7 @@ class SaturationTracker:
     average_sat : bool
         Also write the mean saturation over layers per mode
         (``average-train-sat``, ``average-eval-sat``).
-    ignore_layer_names : list of str
+    ignore_layer_names : str or list of str
         Layer names not to track.
     include_conv : bool
         ``False`` leaves convolutions out.
@@ -125,7 +169,8 @@ class SaturationTracker:
     nosave : bool
         Compute statistics but write nothing.
     verbose : bool
-        Print each layer's saturation at every :meth:`add_saturations`.
+        Print :meth:`summary` at construction and each layer's values at every
+        :meth:`add_saturations`.
     device : str or torch.device, optional
         Where the covariances live; ``None`` (default) keeps them beside the
         activations. A CUDA device on a machine without CUDA falls back to that.
@@ -146,11 +191,23 @@ class SaturationTracker:
         brings most models within a few percent of untracked training (see
         ``benchmarks/overhead.py``); an int ``m >= 2`` keeps ``m`` rows.
     memory_budget : int, optional
-        Most bytes one layer's covariance may take per mode (about ``16 d^2``
-        for ``d`` features). A layer above it is refused with a ValueError that
-        names it, at construction when its width is known (for ``flatten``, at
-        its first batch: the layer is then disabled with a warning). Default
-        1 GiB; ``None`` means no limit.
+        Most bytes one layer's covariance may take per mode (about ``12 d^2``
+        for ``d`` features). A layer found inside a model that is above it is
+        left out with one warning that lists such layers (GPT-2's 50257-wide
+        ``lm_head``); a layer given itself in ``modules`` is refused with a
+        ValueError. A ``flatten`` convolution, whose width shows only at its
+        first batch, is given up then with a warning. Default 1 GiB; ``None``
+        means no limit.
+    blocks : type, str or list of them, optional
+        Module types (or class names such as ``'GPT2Block'``) whose whole
+        output is tracked too, under the block's name: the residual stream /
+        "hidden states" of a transformer, the output of a ResNet stage. The
+        output must be a tensor or a tuple starting with one.
+    mask_padding : bool
+        Leave padding out of the statistics (default). When a tracked model is
+        called with an ``attention_mask`` keyword of shape ``(batch, seq)``, the
+        outputs of token-shaped layers keep only the positions where the mask
+        is set; :meth:`padding_mask` passes a mask by hand.
 
     Examples
     --------
@@ -175,7 +232,7 @@ class SaturationTracker:
         layerwise_sat: bool = True,
         reset_covariance: bool = True,
         average_sat: bool = False,
-        ignore_layer_names: Sequence[str] = (),
+        ignore_layer_names: Union[str, Sequence[str]] = (),
         include_conv: bool = True,
         conv_method: str = "channelwise",
         timeseries_method: str = "last_timestep",
@@ -188,211 +245,244 @@ class SaturationTracker:
         interpolation_downsampling: int = 32,
         sample_rows: Union[None, bool, int] = None,
         memory_budget: Optional[int] = 2**30,
+        blocks: BlockTypes = None,
+        mask_padding: bool = True,
     ) -> None:
-        self._handles: Dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._closed = False
-        self.stats = _normalize_stats(stats)
-        metrics.check_share("sat_threshold", sat_threshold)
-        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
-            raise ValueError(f"log_interval must be an int >= 1, got {log_interval!r}")
-        if max_samples is not None and (
-            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-        ):
-            raise ValueError(f"max_samples must be None or an int >= 1, got {max_samples!r}")
-        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
-            raise ValueError(f"initial_epoch must be an int >= 0, got {initial_epoch!r}")
-        if memory_budget is not None and (
-            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
-        ):
-            raise ValueError(f"memory_budget must be None or an int >= 1 (bytes), got {memory_budget!r}")
-        self.sample_rows = resolve_sample_rows(sample_rows)
-        self.memory_budget = memory_budget
+        self._closed = True  # until construction succeeds
+        # Nothing is written with nosave=True, so an empty savefile is harmless there (callbacks probe with it).
+        self.savefile = os.fspath(savefile) if nosave and savefile == "" else check_path("savefile", savefile)
         check_save_to(save_to)
+        self.stats = _normalize_stats(stats)
+        self.threshold = metrics.check_share("sat_threshold", sat_threshold)
+        self.log_interval = check_integer("log_interval", log_interval, 1)
+        self.max_samples = check_integer("max_samples", max_samples, 1, optional=True)
+        self.initial_epoch = check_integer("initial_epoch", initial_epoch, 0)
+        self.memory_budget = check_integer("memory_budget", memory_budget, 1, optional=True)
+        if isinstance(sample_rows, numbers.Integral) and not isinstance(sample_rows, bool):
+            sample_rows = int(sample_rows)
+        self.sample_rows = resolve_sample_rows(sample_rows)
+        if modules is None:
+            raise ValueError("modules must be a torch.nn.Module or a list of them, got None")
+        if not callable(layer_filter):
+            raise ValueError(f"layer_filter must be a function from dict of layers to dict, got {layer_filter!r}")
+        if writer_args is not None and not isinstance(writer_args, Mapping):
+            raise ValueError(f"writer_args must be None or a dict of writer keyword arguments, got {writer_args!r}")
         self.options = AdapterOptions(
             conv_method=conv_method,
             timeseries_method=timeseries_method,
             interpolation_strategy=interpolation_strategy,
-            interpolation_downsampling=interpolation_downsampling,
+            interpolation_downsampling=check_integer("interpolation_downsampling", interpolation_downsampling, 1),
         )
-        self.savefile = savefile
-        self.threshold = float(sat_threshold)
-        self.log_interval = log_interval
-        self.max_samples = max_samples
         self.layerwise_sat = layerwise_sat
         self.reset_covariance = reset_covariance
         self.average_sat = average_sat
         self.include_conv = include_conv
         self.conv_method = conv_method
         self.timeseries_method = timeseries_method
-        self.ignore_layer_names = list(ignore_layer_names)
+        self.ignore_layer_names = _layer_names("ignore_layer_names", ignore_layer_names)
         self.nosave = nosave
         self.verbose = verbose
         self.device = _resolve_device(device)
-        self.initial_epoch = initial_epoch
-        self.epoch = initial_epoch
-        self.record = True
+        self.epoch = self.initial_epoch
         self.last_results: Dict[str, Any] = {}
-
-        layers = layer_filter(find_layers(modules, include_conv=include_conv))
-        self.layers: "OrderedDict[str, nn.Module]" = OrderedDict(
-            (name, layer) for name, layer in layers.items() if name not in self.ignore_layer_names
+        self._context = RecordingContext(
+            options=self.options,
+            log_interval=self.log_interval,
+            max_samples=self.max_samples,
+            mask_padding=bool(mask_padding),
         )
-        if not self.layers:
-            raise ValueError(
-                "modules contains no layer delve can track (after include_conv, layer_filter and "
-                "ignore_layer_names); supported are Linear, Conv/ConvTranspose 1d-3d, RNN/LSTM/GRU "
-                "and their cells, MultiheadAttention, and types added with delve.register_adapter"
-            )
-        self._layer_states: Dict[str, LayerState] = {}
-        for index, (name, layer) in enumerate(self.layers.items()):
-            check_layer_memory(name, layer, self.options, memory_budget)
-            self._layer_states[name] = LayerState(
-                adapter=find_adapter(layer),
-                modes={mode: ModeState(self._new_accumulator(name, index)) for mode in MODES},
-            )
+        self._is_block = block_matcher(blocks)
+        self.layers: "OrderedDict[str, nn.Module]" = self._choose_layers(modules, layer_filter, include_conv, blocks)
+        self._recorders: "OrderedDict[str, LayerRecorder]" = OrderedDict(
+            (name, self._new_recorder(name, layer, index)) for index, (name, layer) in enumerate(self.layers.items())
+        )
+        self._epoch_dirty = False
+        self._skipped_reported: Dict[str, int] = {}
+        self._warned_few_samples: set = set()
 
-        writer_args = dict(writer_args or {})
-        writer_args.setdefault("savepath", savefile)
-        # Under torch.distributed only rank 0 writes; the other ranks get a writer that drops everything.
         writes_files = distributed.is_main_process()
-        if not nosave and writes_files:
-            folder = os.path.abspath(savefile)
-            os.makedirs(folder, exist_ok=True)
-        self.writer: AbstractWriter = (
-            build_writer(save_to, writer_args) if writes_files else distributed.NullWriter(**writer_args)
+        self.writer: AbstractWriter = self._build_writer(save_to, writer_args, writes_files)
+        roots = [unwrap(entry) for entry in ([modules] if isinstance(modules, nn.Module) else modules)]
+        self._handle = HookHandle(
+            self._recorders.values(),
+            [root for root in roots if takes_attention_mask(root)],
+            self._context,
+            guarded=fast_path_owners(roots, self.layers.values()),
         )
-        if initial_epoch != 0 and not nosave:
-            self.writer.resume_from_saved_state(initial_epoch)
+        self._finalizer = weakref.finalize(self, self._handle.remove)
+        self._closed = False
+        if verbose and writes_files:
+            print(self.summary())
 
-        self._finalizer = weakref.finalize(self, remove_handles, self._handles)
-        for name, layer in self.layers.items():
-            self._handles[name] = layer.register_forward_hook(RecordingHook(self, name))
+    # ------------------------------------------------------------ set-up
+    def _choose_layers(
+        self, modules: ModuleSpec, layer_filter: _LayerFilter, include_conv: bool, blocks: BlockTypes
+    ) -> "OrderedDict[str, nn.Module]":
+        try:
+            found = find_layers(modules, include_conv=include_conv, blocks=blocks)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        filtered = layer_filter(found)
+        if not isinstance(filtered, Mapping):
+            raise ValueError(
+                f"layer_filter must return a dict of layer name to module, got {type(filtered).__name__}"
+            )
+        candidates = OrderedDict(
+            (name, layer) for name, layer in filtered.items() if name not in self.ignore_layer_names
+        )
+        explicit = _explicit_layers(modules)
+        self.skipped_layers: Dict[str, int] = {}
+        for name, layer in list(candidates.items()):
+            try:
+                check_layer_memory(name, layer, self.options, self.memory_budget)
+            except CovarianceMemoryError:
+                if id(layer) in explicit:
+                    raise
+                dim = self._adapter(layer).features(layer, self.options)
+                self.skipped_layers[name] = check_layer_memory(name, layer, self.options, None, dim=dim)
+                del candidates[name]
+        if self.skipped_layers:
+            listed = ", ".join(f"{name} ({nbytes / 2**30:.3g} GiB)" for name, nbytes in self.skipped_layers.items())
+            warnings.warn(
+                f"delve leaves out {len(self.skipped_layers)} layer(s) whose covariance would exceed "
+                f"memory_budget={self.memory_budget} bytes per mode: {listed}. Raise memory_budget or pass the "
+                "layer in modules to track it anyway.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if not candidates:
+            raise ValueError(
+                "modules contains no layer delve can track (after include_conv, layer_filter, "
+                "ignore_layer_names and memory_budget); supported are Linear, Conv1D of transformers, "
+                "Conv/ConvTranspose 1d-3d, RNN/LSTM/GRU and their cells, MultiheadAttention, blocks named in "
+                "blocks=, and types added with delve.register_adapter"
+            )
+        return candidates
+
+    def _adapter(self, layer: nn.Module) -> LayerAdapter:
+        if self._is_block(layer):
+            return BLOCK_ADAPTER
+        adapter = find_layer_adapter(layer)
+        if adapter is None:
+            raise ValueError(f"layer_filter returned {type(layer).__name__}, a module delve cannot track")
+        return adapter
+
+    def _new_recorder(self, name: str, layer: nn.Module, index: int) -> LayerRecorder:
+        accumulators = {
+            mode: TorchCovarianceMatrix(
+                device=self.device,
+                save_data="embed" in self.stats,
+                sample_rows=self.sample_rows,
+                seed=index,
+                memory_budget=self.memory_budget,
+                name=name,
+            )
+            for mode in MODES
+        }
+        return LayerRecorder(name, layer, self._adapter(layer), self._context, accumulators)
+
+    def _add_layer(self, name: str, layer: nn.Module) -> None:
+        """Track one more layer, given by the user (so its memory budget is enforced with an error)."""
+        check_layer_memory(name, layer, self.options, self.memory_budget)
+        recorder = self._new_recorder(name, layer, len(self._recorders))
+        self.layers[name] = layer
+        self._recorders[name] = recorder
+        self._handle.add(recorder)
+
+    def _build_writer(self, save_to: SaveTo, writer_args: Optional[Mapping[str, Any]], writes_files: bool) -> AbstractWriter:
+        """The writers (rank 0 only under torch.distributed), with an earlier run moved aside or resumed."""
+        arguments = dict(writer_args or {})
+        arguments.setdefault("savepath", self.savefile)
+        if not writes_files:
+            return distributed.NullWriter(**arguments)
+        if not self.nosave:
+            os.makedirs(os.path.abspath(self.savefile), exist_ok=True)
+        writer = build_writer(save_to, arguments)
+        if self.nosave:
+            return writer
+        if self.initial_epoch == 0:
+            self._move_previous_run(writer.previous_outputs())
+        else:
+            writer.resume_from_saved_state(self.initial_epoch)
+        return writer
+
+    def _move_previous_run(self, paths: Sequence[str]) -> None:
+        """Move an earlier run's outputs to ``savefile + '.previous'``, keeping their layout."""
+        if not paths:
+            return
+        base = os.path.dirname(os.path.abspath(self.savefile))
+        backup = os.path.abspath(self.savefile) + ".previous"
+        if os.path.isdir(backup):
+            shutil.rmtree(backup)
+        for path in paths:
+            target = os.path.join(backup, os.path.relpath(os.path.abspath(path), base))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+        warnings.warn(
+            f"delve starts a fresh run in {self.savefile!r}, which held {len(paths)} output file(s) of an "
+            f"earlier run; they were moved to {backup!r} (replacing an older backup). Pass initial_epoch=E "
+            "to continue a run instead.",
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------- recording
-    def _new_accumulator(self, name: str, index: int) -> TorchCovarianceMatrix:
-        return TorchCovarianceMatrix(
-            device=self.device,
-            save_data="embed" in self.stats,
-            sample_rows=self.sample_rows,
-            seed=index,
-            memory_budget=self.memory_budget,
-            name=name,
-        )
-
-    def _record(self, name: str, module: nn.Module, output: Any) -> None:
-        """Hot path: turn one forward pass's output into samples and accumulate them."""
-        if not self.record:
-            return
-        layer_state = self._layer_states[name]
-        state = layer_state.modes["train" if module.training else "eval"]
-        call = state.calls
-        state.calls += 1
-        if call % self.log_interval:
-            return
-        if self.max_samples is not None and state.rows >= self.max_samples:
-            return
-        try:
-            with torch.no_grad():
-                samples = layer_state.adapter(module, output, self.options)
-                if samples is None:
-                    return
-                count = num_samples(samples)
-                if self.max_samples is not None and state.rows + count > self.max_samples:
-                    samples = take_samples(samples, self.max_samples - state.rows)
-                    count = samples.shape[0]
-                state.accumulator.update(samples)
-                state.rows += count
-        except Exception as error:  # a tracking failure must never stop training
-            self._disable_layer(name, error)
-
-    def _disable_layer(self, name: str, error: BaseException) -> None:
-        handle = self._handles.pop(name, None)
-        if handle is not None:
-            handle.remove()
-        warnings.warn(
-            f"delve stopped tracking layer {name!r}: {type(error).__name__}: {error}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
     def is_recording(self) -> bool:
         """Whether the hooks currently record outputs."""
-        return self.record
+        return self._context.record
+
+    @property
+    def record(self) -> bool:
+        """Whether the hooks record (as in delve 0.1.50); see :meth:`stop` and :meth:`resume`."""
+        return self._context.record
+
+    @record.setter
+    def record(self, value: bool) -> None:
+        self._context.record = bool(value)
 
     def stop(self) -> None:
         """Pause recording; what was recorded so far is kept."""
-        self.record = False
+        self._context.record = False
 
     def resume(self) -> None:
         """Resume recording after :meth:`stop`."""
-        self.record = True
+        self._context.record = True
+
+    @contextlib.contextmanager
+    def padding_mask(self, mask: torch.Tensor) -> Iterator[None]:
+        """Leave out padding positions in the forward passes run inside this block.
+
+        For training loops that do not pass ``attention_mask`` to the model:
+        outputs of token-shaped layers of shape ``(batch, seq, features)`` keep
+        only the positions where ``mask`` (``(batch, seq)``, bool or 0/1) is set.
+
+        Parameters
+        ----------
+        mask : torch.Tensor
+            The mask of the batch.
+        """
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            raise ValueError(f"mask must be a (batch, seq) tensor, got {mask!r}")
+        previous, self._context.manual_mask = self._context.manual_mask, mask
+        try:
+            yield
+        finally:
+            self._context.manual_mask = previous
 
     # ------------------------------------------------------------ statistics
-    def _mode_has_data(self, mode: str, accumulators: Mapping[Tuple[str, str], TorchCovarianceMatrix]) -> bool:
-        return any(accumulators[(name, mode)].count > 0 for name in self._layer_states)
-
     def _synced_accumulators(self) -> Dict[Tuple[str, str], TorchCovarianceMatrix]:
         """``(layer, mode)`` to accumulator, merged over all ranks under torch.distributed (local ones untouched)."""
         local = {
-            (name, mode): layer_state.modes[mode].accumulator
-            for name, layer_state in self._layer_states.items()
-            for mode in MODES
+            (name, mode): state.accumulator
+            for name, recorder in self._recorders.items()
+            for mode, state in recorder.modes.items()
         }
         return distributed.sync_accumulators(local)
 
-    def _layer_stats(
-        self, mode: str, name: str, accumulator: TorchCovarianceMatrix
-    ) -> Tuple[Dict[str, Any], float]:
-        """Every requested statistic of one layer in one mode, and its saturation (NaN without data)."""
-        keys = {stat: f"{mode}-{STATMAP[stat]}_{name}" for stat in self.stats}
-        values: Dict[str, Any] = {}
-        if accumulator.count == 0:
-            for stat in self.stats:
-                if stat not in ("cov", "embed"):
-                    values[keys[stat]] = float("nan")
-            return values, float("nan")
-        cov = accumulator.compute()
-        need_eigenvalues = bool(_EIGENVALUE_STATS & set(self.stats)) or self.average_sat
-        eigvals = metrics.eigenvalues(cov) if need_eigenvalues else None
-        saturation = metrics.saturation_from_eigenvalues(eigvals, self.threshold) if need_eigenvalues else np.nan
-        for stat in self.stats:
-            if stat == "lsat":
-                values[keys[stat]] = saturation
-            elif stat == "idim":
-                values[keys[stat]] = metrics.intrinsic_dimensionality_from_eigenvalues(eigvals, self.threshold)
-            elif stat == "dtrc":
-                values[keys[stat]] = metrics.diagonal_trace_from_eigenvalues(eigvals)
-            elif stat == "trc":
-                values[keys[stat]] = metrics.compute_cov_trace(cov)
-            elif stat == "det":
-                values[keys[stat]] = metrics.compute_cov_determinant(cov)
-            elif stat == "cov":
-                values[keys[stat]] = cov.cpu().numpy()
-            elif stat == "embed":
-                values[keys[stat]] = self._embed(cov, accumulator)
-        return values, saturation
-
-    @staticmethod
-    def _embed(cov: torch.Tensor, accumulator: TorchCovarianceMatrix) -> np.ndarray:
-        samples = accumulator.saved_samples
-        _, vectors = torch.linalg.eigh(cov)
-        top = vectors[:, -2:].flip(1)
-        centered = samples.to(torch.float64) - accumulator.mean.to(samples.device)
-        return (centered @ top.to(samples.device)).cpu().numpy()
-
-    def _warn_nonfinite(self) -> None:
-        for name, layer_state in self._layer_states.items():
-            if layer_state.warned_nonfinite:
-                continue
-            skipped = sum(state.accumulator.num_skipped_batches for state in layer_state.modes.values())
-            if skipped:
-                layer_state.warned_nonfinite = True
-                warnings.warn(
-                    f"delve skipped {skipped} batch(es) of layer {name!r} because they held NaN or Inf; "
-                    "the statistics use the finite batches only",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    def _requested(self) -> List[statistics.Statistic]:
+        entries = [statistics.get_statistic(key) for key in self.stats]
+        if self.average_sat and "lsat" not in self.stats:
+            entries.append(statistics.get_statistic("lsat"))
+        return entries
 
     def compute(self) -> Dict[str, Any]:
         """Statistics of everything recorded since the last reset, without writing or resetting.
@@ -405,24 +495,118 @@ class SaturationTracker:
         dict
             Output name (``'{mode}-{statistic}_{layer}'``) to value. A mode in
             which no layer saw any data is left out; a layer without data in a
-            mode that has data gets NaN.
+            mode that has data gets NaN (0 for ``samples``).
         """
-        results: Dict[str, Any] = {}
         accumulators = self._synced_accumulators()
-        for mode in MODES:
-            if not self._mode_has_data(mode, accumulators):
-                continue
+        requested = self._requested()
+        counts = {key: accumulator.count for key, accumulator in accumulators.items()}
+        active = [mode for mode in MODES if any(counts[(name, mode)] for name in self._recorders)]
+        inputs = self._layer_inputs(accumulators, counts, active, statistics.needs_eigenvalues(requested))
+        results: Dict[str, Any] = {}
+        for mode in active:
             saturations = []
-            for name in self._layer_states:
-                accumulator = accumulators[(name, mode)]
-                values, saturation = self._layer_stats(mode, name, accumulator)
-                if self.layerwise_sat:
-                    results.update(values)
-                saturations.append(saturation)
+            for name in self._recorders:
+                layer_inputs = inputs.get((name, mode))
+                for entry in requested:
+                    if entry.key not in self.stats:
+                        continue
+                    if layer_inputs is not None:
+                        value = statistics.evaluate(entry, layer_inputs)
+                    elif entry.array:
+                        continue
+                    else:
+                        value = entry.empty
+                    if self.layerwise_sat:
+                        results[f"{mode}-{entry.name}_{name}"] = value
+                if self.average_sat:
+                    saturations.append(
+                        np.nan if layer_inputs is None else metrics.saturation_from_eigenvalues(
+                            layer_inputs.eigenvalues, self.threshold
+                        )
+                    )
             if self.average_sat:
                 finite = [value for value in saturations if not np.isnan(value)]
                 results[f"average-{mode}-sat"] = float(np.mean(finite)) if finite else float("nan")
+        self._warn_few_samples(inputs)
         return results
+
+    def _layer_inputs(
+        self,
+        accumulators: Mapping[Tuple[str, str], TorchCovarianceMatrix],
+        counts: Mapping[Tuple[str, str], int],
+        modes: Sequence[str],
+        with_eigenvalues: bool,
+    ) -> Dict[Tuple[str, str], statistics.LayerInputs]:
+        """Inputs of the statistics for every layer and mode with data (eigenvalues of all in one go)."""
+        keys = [(name, mode) for mode in modes for name in self._recorders if counts[(name, mode)]]
+        covariances = [accumulators[key].compute() for key in keys]
+        eigenvalues: List[Optional[torch.Tensor]] = [None] * len(keys)
+        if with_eigenvalues:
+            eigenvalues = list(self._eigenvalues(covariances))
+        return {
+            key: statistics.LayerInputs(
+                covariance=covariance,
+                mean=accumulators[key].mean,
+                count=counts[key],
+                threshold=self.threshold,
+                samples=accumulators[key].saved_samples,
+                eigenvalues=values,
+            )
+            for key, covariance, values in zip(keys, covariances, eigenvalues)
+        }
+
+    def _eigenvalues(self, covariances: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Eigenvalues of every covariance, with a progress bar when it takes more than two seconds."""
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=len(covariances),
+            desc="delve: eigendecompositions",
+            unit="layer",
+            delay=PROGRESS_DELAY_S,
+            leave=False,
+            disable=not distributed.is_main_process(),
+        ) as progress:
+            for covariance in covariances:
+                yield metrics.eigenvalues(covariance)
+                progress.update(1)
+
+    def _warn_few_samples(self, inputs: Mapping[Tuple[str, str], statistics.LayerInputs]) -> None:
+        """One warning naming every layer that saw fewer samples than it has features (each layer once per run)."""
+        listed = []
+        for (name, mode), layer_inputs in inputs.items():
+            features = layer_inputs.covariance.shape[0]
+            if layer_inputs.count < features and name not in self._warned_few_samples:
+                self._warned_few_samples.add(name)
+                bound = layer_inputs.count / features
+                listed.append(f"{name!r} ({layer_inputs.count} samples in {mode} mode, {features} features: "
+                              f"at most {bound:.3g})")
+        if listed:
+            warnings.warn(
+                f"{len(listed)} layer(s) saw fewer samples than they have features, so their saturation is "
+                f"bounded by samples / features, not by what the layer does: {'; '.join(listed)}. Record more "
+                "batches (or more rows per batch) before reading them.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _warn_skipped_batches(self) -> None:
+        """One warning per epoch in which batches were left out, with the counts per layer."""
+        counts = []
+        for name, recorder in self._recorders.items():
+            total = sum(state.accumulator.num_skipped_batches for state in recorder.modes.values())
+            new = total - self._skipped_reported.get(name, 0)
+            self._skipped_reported[name] = 0 if self.reset_covariance else total
+            if new > 0:
+                counts.append(f"{new} of {name!r}")
+        if counts:
+            warnings.warn(
+                f"delve left out batches in epoch {self.epoch}: {', '.join(counts)}, because they held NaN or "
+                "Inf or values too large to square in float32 (beyond about 1e18); the statistics use the "
+                "other batches",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def reset(self) -> None:
         """Forget every recorded sample and restart the per-epoch counters."""
@@ -430,11 +614,15 @@ class SaturationTracker:
 
     def _reset(self, accumulators: bool) -> None:
         """Restart the per-epoch counters (``log_interval``, ``max_samples``), and the samples if asked."""
-        for layer_state in self._layer_states.values():
-            for state in layer_state.modes.values():
+        for recorder in self._recorders.values():
+            for state in recorder.modes.values():
                 if accumulators:
                     state.accumulator.reset()
                 state.calls = state.rows = 0
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{action} called on a closed SaturationTracker")
 
     def add_saturations(self, save: bool = True) -> Dict[str, Any]:
         """Compute the statistics of this epoch, send them to the writers and (by default) save.
@@ -449,16 +637,16 @@ class SaturationTracker:
         dict
             The values handed to the writers (also kept in ``last_results``).
         """
-        if self._closed:
-            raise RuntimeError("add_saturations() called on a closed SaturationTracker")
+        self._check_open("add_saturations()")
         results = self.compute()
         self.writer = distributed.writer_for_rank(self.writer)
-        self._warn_nonfinite()
+        self._warn_skipped_batches()
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)
         if self.verbose and distributed.is_main_process():
             self._print_saturations(results)
         self.last_results = results
+        self._epoch_dirty = True
         self._reset(accumulators=self.reset_covariance)
         if save:
             self.save()
@@ -471,11 +659,29 @@ class SaturationTracker:
                 lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
         print("\n".join(lines))
 
+    def summary(self, as_frame: bool = False) -> Any:
+        """What is tracked: per layer its type, features, how outputs become rows, and statistics memory.
+
+        Parameters
+        ----------
+        as_frame : bool
+            Return a :class:`pandas.DataFrame` instead of text.
+
+        Returns
+        -------
+        str or pandas.DataFrame
+            A table with a total line (text), like torchinfo's; layers left out
+            by ``memory_budget`` are listed below it.
+        """
+        return tracking_summary(self._recorders.values(), self.options, self.skipped_layers, as_frame=as_frame)
+
     # ---------------------------------------------------------------- output
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         """Log a user value (accuracy, loss...) in the current epoch's row."""
+        self._check_open("add_scalar()")
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy() if value.numel() > 1 else value.item()
+        self._epoch_dirty = True
         if not self.nosave:
             kwargs.setdefault("global_step", self.epoch)
             self.writer.add_scalar(name, value, **kwargs)
@@ -488,9 +694,15 @@ class SaturationTracker:
     def save(self) -> None:
         """Persist the current epoch in every writer and start the next one.
 
-        A failing save (full disk, a folder removed mid-run) never stops training:
-        it warns, and the writers keep the values in memory for the next save.
+        Nothing happens when nothing was logged since the last save (a second
+        ``save()`` after ``add_saturations()``, as 0.1.50's examples do, opens no
+        empty row). A failing save (full disk, a folder removed mid-run) never
+        stops training: it warns, and the writers keep the values in memory for
+        the next save.
         """
+        self._check_open("save()")
+        if not self._epoch_dirty:
+            return
         if not self.nosave:
             try:
                 self.writer.save()
@@ -501,6 +713,7 @@ class SaturationTracker:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        self._epoch_dirty = False
         self.epoch += 1
 
     def state_dict(self) -> Dict[str, Any]:
@@ -510,8 +723,9 @@ class SaturationTracker:
         -------
         dict
             A ``version`` key, the epoch, whether recording is on, and per layer
-            and mode the accumulator state and the per-epoch counters. Saved rows
-            of the ``embed`` statistic are not included.
+            and mode the accumulator state (with the row sampler's state) and
+            the per-epoch counters. Saved rows of the ``embed`` statistic are
+            not included.
         """
         return {
             "version": _STATE_VERSION,
@@ -520,9 +734,9 @@ class SaturationTracker:
             "layers": {
                 name: {
                     mode: {"accumulator": state.accumulator.state_dict(), "calls": state.calls, "rows": state.rows}
-                    for mode, state in layer_state.modes.items()
+                    for mode, state in recorder.modes.items()
                 }
-                for name, layer_state in self._layer_states.items()
+                for name, recorder in self._recorders.items()
             },
         }
 
@@ -536,7 +750,7 @@ class SaturationTracker:
         """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported SaturationTracker state version {state.get('version')!r}")
-        saved, tracked = set(state["layers"]), set(self._layer_states)
+        saved, tracked = set(state["layers"]), set(self._recorders)
         if saved != tracked:
             raise ValueError(
                 f"state tracks other layers: missing {sorted(tracked - saved)}, unexpected {sorted(saved - tracked)}"
@@ -545,7 +759,7 @@ class SaturationTracker:
         self.record = state["record"]
         for name, modes in state["layers"].items():
             for mode, saved_mode in modes.items():
-                target = self._layer_states[name].modes[mode]
+                target = self._recorders[name].modes[mode]
                 target.accumulator.load_state_dict(saved_mode["accumulator"])
                 target.calls = saved_mode["calls"]
                 target.rows = saved_mode["rows"]
@@ -577,6 +791,7 @@ class SaturationTracker:
 class CheckLayerSat(SaturationTracker):
     """Deprecated name of :class:`SaturationTracker`; warns and behaves identically."""
 
+    @functools.wraps(SaturationTracker.__init__)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         warnings.warn(
             "CheckLayerSat is deprecated; use delve.SaturationTracker (same arguments)",
@@ -584,3 +799,4 @@ class CheckLayerSat(SaturationTracker):
             stacklevel=2,
         )
         super().__init__(*args, **kwargs)
+

@@ -137,7 +137,7 @@ def _worker(rank: int, folder: str) -> None:
         out["epoch2"] = tracker.add_saturations()
         out["local_counts"] = {
             name: {mode: state.accumulator.count for mode, state in layer.modes.items()}
-            for name, layer in tracker._layer_states.items()
+            for name, layer in tracker._recorders.items()
         }
         tracker.close()
 

@@ -14,6 +14,7 @@ from torch import nn
 import delve
 from delve import CheckLayerSat, SaturationTracker, TorchCovarianceMatrix, register_adapter
 from delve.adapters import unregister_adapter
+from delve.hooks import attached_recorders
 from reference import Capture, population_cov
 
 PARAMETERS_0150 = OrderedDict(
@@ -226,19 +227,20 @@ def test_close_removes_every_hook_and_leaves_modules_untouched(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2), nn.LSTM(2, 2))
     before = {name: set(vars(module)) for name, module in model.named_modules()}
     tracker = SaturationTracker(str(tmp_path / "run"), "csv", model)
-    assert all(len(model[i]._forward_hooks) == 1 for i in (0, 2, 3))
+    assert all(len(attached_recorders(model[i])) == 1 for i in (0, 2, 3))
+    assert all(len(module._forward_hooks) == 0 for module in model.modules())
     assert {name: set(vars(module)) for name, module in model.named_modules()} == before
     tracker.close()
     tracker.close()
-    assert all(len(module._forward_hooks) == 0 for module in model.modules())
+    assert all(len(attached_recorders(module)) == 0 for module in model.modules())
     pickle.loads(pickle.dumps(model))
 
 
 def test_context_manager_closes(tmp_path):
     model = nn.Linear(2, 2)
     with SaturationTracker(str(tmp_path / "run"), "csv", model) as tracker:
-        assert len(model._forward_hooks) == 1
-    assert len(model._forward_hooks) == 0
+        assert len(attached_recorders(model)) == 1
+    assert len(attached_recorders(model)) == 0
     with pytest.raises(RuntimeError, match="closed"):
         tracker.add_saturations()
 
@@ -247,7 +249,7 @@ def test_a_forgotten_tracker_removes_its_hooks_when_collected(tmp_path):
     model = nn.Linear(2, 2)
     SaturationTracker(str(tmp_path / "run"), "csv", model)
     gc.collect()
-    assert len(model._forward_hooks) == 0
+    assert len(attached_recorders(model)) == 0
 
 
 def test_second_tracker_does_not_inherit_the_first(tmp_path):

@@ -1,0 +1,308 @@
+"""The statistics a tracker can compute: one registry from ``stats`` key to output name and function.
+
+Every statistic, built-in or registered with :func:`register_statistic`, is a
+function of what one layer's accumulator holds. It names what it needs by its
+parameter names, chosen from :data:`INPUTS`; a first parameter with another
+name receives the eigenvalues. The tracker computes each input once per layer
+and mode, and only when some requested statistic asks for it (eigenvalues of
+all layers in one batched call).
+
+========================= ======================================================
+input                     what the function receives
+========================= ======================================================
+``eigenvalues``           float64 eigenvalues of the covariance, largest first
+``covariance``            the float64 ``(d, d)`` covariance matrix
+``mean``                  the float64 mean of the samples
+``count``                 the number of samples behind the statistics
+``threshold``             the tracker's ``sat_threshold``
+``eigenvectors``          float64 eigenvectors, one column per eigenvalue
+``samples``               rows kept for the ``embed`` statistic (or ``None``)
+========================= ======================================================
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from delve import metrics
+from delve.writers.base import MODES, STATMAP
+
+#: Names a statistic function's parameters may have, and so the inputs it can ask for.
+INPUTS = ("eigenvalues", "covariance", "mean", "count", "threshold", "eigenvectors", "samples")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One registered statistic.
+
+    Attributes
+    ----------
+    key : str
+        The key users put in ``stats``.
+    name : str
+        The name in outputs (``'{mode}-{name}_{layer}'``).
+    function : callable
+        Computes the value from the inputs named in ``inputs``.
+    inputs : tuple of str
+        What ``function`` asks for, each one of :data:`INPUTS`.
+    parameters : tuple of str
+        The parameter of ``function`` that receives each of ``inputs``.
+    array : bool
+        Whether the value is an array (written by the npy writer), not a number.
+    empty : float
+        The value of a layer that saw no sample in a mode where others did.
+    """
+
+    key: str
+    name: str
+    function: Callable[..., Any]
+    inputs: Tuple[str, ...]
+    parameters: Tuple[str, ...]
+    array: bool = False
+    empty: float = float("nan")
+
+
+_REGISTRY: Dict[str, Statistic] = {}
+
+
+def _function_inputs(key: str, function: Callable[..., Any]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """What ``function`` asks for, and the parameter that receives each input."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return ("eigenvalues",), ()
+    inputs: List[str] = []
+    names: List[str] = []
+    for position, parameter in enumerate(parameters):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.name in INPUTS:
+            inputs.append(parameter.name)
+        elif position == 0:
+            inputs.append("eigenvalues")
+        elif parameter.default is parameter.empty:
+            raise ValueError(
+                f"statistic {key!r}: parameter {parameter.name!r} of its function is none of the inputs "
+                f"{', '.join(INPUTS)} and has no default"
+            )
+        else:
+            continue
+        names.append(parameter.name)
+    return tuple(inputs), tuple(names)
+
+
+def register_statistic(
+    key: str, output_name: str, function: Callable[..., Any], *, array: bool = False, empty: float = float("nan")
+) -> Statistic:
+    """Make ``key`` a valid entry of ``stats`` for every tracker created afterwards.
+
+    Parameters
+    ----------
+    key : str
+        What users put in ``stats`` (letters, digits and ``.``; no ``_`` or
+        ``-``, which separate the parts of output names).
+    output_name : str
+        Name in the outputs, ``'{mode}-{output_name}_{layer}'`` (no ``_``).
+    function : callable
+        Takes the eigenvalues (as its first parameter) and, if its parameters
+        are so named, any other of :data:`INPUTS`; returns a number (or an
+        array with ``array=True``).
+    array : bool
+        Whether the value is an array rather than a number.
+    empty : float
+        Value written for a layer without samples in a mode (NaN by default).
+
+    Returns
+    -------
+    Statistic
+        The registered entry.
+
+    Raises
+    ------
+    ValueError
+        If the key or name holds a separator, is taken by a built-in statistic,
+        or the function asks for an input that does not exist.
+
+    Examples
+    --------
+    >>> entry = register_statistic("top", "top-eigenvalue", lambda eigenvalues: float(eigenvalues[0]))
+    >>> entry.inputs
+    ('eigenvalues',)
+    >>> unregister_statistic("top")
+    """
+    for label, text in (("key", key), ("output_name", output_name)):
+        if not isinstance(text, str) or not text or "_" in text or text in MODES:
+            raise ValueError(f"{label} must be a non-empty str without '_', got {text!r}")
+    if "-" in key:
+        raise ValueError(f"key must not contain '-', got {key!r}")
+    if key in _BUILTIN_KEYS or (output_name in STATMAP.values() and STATMAP.get(key) != output_name):
+        raise ValueError(f"statistic {key!r} / {output_name!r} is taken by a built-in statistic")
+    if not callable(function):
+        raise ValueError(f"function must be callable, got {function!r}")
+    entry = Statistic(key, output_name, function, *_function_inputs(key, function), array, empty)
+    _REGISTRY[key] = entry
+    STATMAP[key] = output_name
+    return entry
+
+
+def unregister_statistic(key: str) -> None:
+    """Remove a statistic added with :func:`register_statistic` (built-ins stay)."""
+    if key in _BUILTIN_KEYS:
+        raise ValueError(f"{key!r} is a built-in statistic and cannot be removed")
+    _REGISTRY.pop(key, None)
+    STATMAP.pop(key, None)
+
+
+def get_statistic(key: str) -> Statistic:
+    """The registered statistic of ``key``; a ValueError naming the valid keys otherwise."""
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise ValueError(
+            f"stats contains {key!r}, which is not a statistic; choose from {', '.join(map(repr, _REGISTRY))}"
+        ) from None
+
+
+def statistic_keys() -> Tuple[str, ...]:
+    """Every key ``stats`` accepts now, built-ins first."""
+    return tuple(_REGISTRY)
+
+
+class LayerInputs:
+    """The inputs of one layer and mode, each computed on first use.
+
+    Parameters
+    ----------
+    covariance : torch.Tensor
+        The float64 covariance.
+    mean : torch.Tensor
+        The float64 mean.
+    count : int
+        Number of samples.
+    threshold : float
+        ``sat_threshold``.
+    samples : torch.Tensor, optional
+        Rows kept for ``embed``.
+    eigenvalues : torch.Tensor, optional
+        Already computed eigenvalues (largest first), e.g. by a batched call.
+    """
+
+    def __init__(
+        self,
+        covariance: torch.Tensor,
+        mean: torch.Tensor,
+        count: int,
+        threshold: float,
+        samples: Optional[torch.Tensor] = None,
+        eigenvalues: Optional[torch.Tensor] = None,
+    ) -> None:
+        self.covariance = covariance
+        self.mean = mean
+        self.count = count
+        self.threshold = threshold
+        self.samples = samples
+        self._eigenvalues = eigenvalues
+        self._eigenvectors: Optional[torch.Tensor] = None
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        if self._eigenvalues is None:
+            self._eigenvalues = metrics.eigenvalues(self.covariance)
+        return self._eigenvalues
+
+    @property
+    def eigenvectors(self) -> torch.Tensor:
+        if self._eigenvectors is None:
+            values, vectors = torch.linalg.eigh(self.covariance.to(torch.float64))
+            self._eigenvectors = vectors.flip(1)
+            if self._eigenvalues is None:
+                self._eigenvalues = values.flip(0).clamp_min(0.0)
+        return self._eigenvectors
+
+    def arguments(self, statistic: Statistic) -> Tuple[List[Any], Dict[str, Any]]:
+        """Positional and keyword arguments of ``statistic.function`` (positional: a builtin without signature)."""
+        values = [getattr(self, name) for name in statistic.inputs]
+        if not statistic.parameters:
+            return values, {}
+        return [], dict(zip(statistic.parameters, values))
+
+
+def needs_eigenvalues(statistics: Sequence[Statistic]) -> bool:
+    """Whether any of ``statistics`` asks for the eigenvalues."""
+    return any("eigenvalues" in statistic.inputs for statistic in statistics)
+
+
+def evaluate(statistic: Statistic, inputs: LayerInputs) -> Any:
+    """The value of ``statistic`` for one layer: a float (or int), or a numpy array for array statistics."""
+    args, kwargs = inputs.arguments(statistic)
+    value = statistic.function(*args, **kwargs)
+    if statistic.array:
+        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return float(value)
+
+
+def _covariance_matrix(covariance: torch.Tensor) -> np.ndarray:
+    return covariance.cpu().numpy()
+
+
+def _embedded_sample(samples: Optional[torch.Tensor], mean: torch.Tensor, eigenvectors: torch.Tensor) -> np.ndarray:
+    """Kept rows, centered, projected on the top two eigenvectors: ``(n, 2)``."""
+    if samples is None:
+        return np.zeros((0, 2))
+    top = eigenvectors[:, :2].to(samples.device)
+    centered = samples.to(torch.float64) - mean.to(samples.device)
+    return (centered @ top).cpu().numpy()
+
+
+def _samples(count: int) -> int:
+    return count
+
+
+def _saturation(eigenvalues: torch.Tensor, threshold: float) -> float:
+    return metrics.saturation_from_eigenvalues(eigenvalues, threshold)
+
+
+def _intrinsic_dimensionality(eigenvalues: torch.Tensor, threshold: float) -> int:
+    return metrics.intrinsic_dimensionality_from_eigenvalues(eigenvalues, threshold)
+
+
+def _determinant(covariance: torch.Tensor) -> float:
+    return metrics.compute_cov_determinant(covariance)
+
+
+def _trace(covariance: torch.Tensor) -> float:
+    return metrics.compute_cov_trace(covariance)
+
+
+def _builtin(key: str, function: Callable[..., Any], array: bool = False, empty: float = math.nan) -> None:
+    _REGISTRY[key] = Statistic(key, STATMAP[key], function, *_function_inputs(key, function), array, empty)
+
+
+_builtin("lsat", _saturation)
+_builtin("idim", _intrinsic_dimensionality)
+_builtin("cov", _covariance_matrix, array=True)
+_builtin("det", _determinant)
+_builtin("trc", _trace)
+_builtin("dtrc", metrics.diagonal_trace_from_eigenvalues)
+_builtin("embed", _embedded_sample, array=True)
+_builtin("samples", _samples, empty=0)
+_BUILTIN_KEYS = frozenset(_REGISTRY)
+
+
+def statistics_of(keys: Sequence[str]) -> List[Statistic]:
+    """The registered entries of ``keys``, in order."""
+    return [get_statistic(key) for key in keys]
+
+
+def results_names(statistics: Sequence[Statistic], mode: str, layer: str) -> Mapping[str, str]:
+    """Output name of each statistic for one layer and mode: ``'{mode}-{name}_{layer}'``."""
+    return {statistic.key: f"{mode}-{statistic.name}_{layer}" for statistic in statistics}
