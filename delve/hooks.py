@@ -10,9 +10,9 @@ tracked model stays a plain model: ``copy.deepcopy`` (EMA copies,
 ``pickle`` / ``torch.save`` and ``torch.jit.script`` see no hook of delve's
 (except the two below).
 
-A model whose ``forward`` takes an ``attention_mask`` (Hugging Face models) gets
-one forward pre-hook of its own, :class:`MaskHook`, that reads the mask from
-the call's keyword arguments. It pickles and deep-copies to :class:`InertHook`,
+A model whose ``forward`` takes an ``attention_mask`` or ``labels`` (Hugging
+Face models) gets one forward pre-hook of its own, :class:`KeywordHook`, that
+reads the padding masks and the labels from the call's keyword arguments. It pickles and deep-copies to :class:`InertHook`,
 which does nothing. So does :class:`FastPathGuard`, the do-nothing hook that
 keeps :class:`torch.nn.TransformerEncoderLayer`'s fused eval path from skipping
 the tracked layers inside it.
@@ -36,13 +36,17 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from delve.adapters import AdapterOptions, LayerAdapter, first_tensor
+from delve.classes import ClassMoments
 from delve.covariance import TorchCovarianceMatrix, as_rows, num_samples
 
 #: A layer whose recording fails on this many ordinary forward passes in a row is given up.
 MAX_CONSECUTIVE_FAILURES = 3
 
-#: Keyword arguments of a model's forward that :class:`MaskHook` reads.
+#: Keyword arguments of a model's forward that :class:`KeywordHook` reads as padding masks.
 MASK_KEYWORDS = ("attention_mask", "decoder_attention_mask")
+
+#: All keyword arguments :class:`KeywordHook` reads (the masks and ``labels``).
+HOOK_KEYWORDS = MASK_KEYWORDS + ("labels",)
 
 
 @dataclass
@@ -63,9 +67,13 @@ class RecordingContext:
         Whether token rows outside the attention mask are left out.
     masks : dict
         ``'attention_mask'`` / ``'decoder_attention_mask'`` of the model's
-        current forward pass (set by :class:`MaskHook`).
+        current forward pass (set by :class:`KeywordHook`).
     manual_mask : torch.Tensor or None
         A mask given by hand (``tracker.padding_mask(mask)``); it wins over the model's.
+    labels : torch.Tensor or None
+        The ``labels`` keyword of the model's current forward pass (1-D).
+    manual_labels : torch.Tensor or None
+        Labels given by hand (``tracker.set_labels(y)``); they win over the model's.
     """
 
     options: AdapterOptions
@@ -75,6 +83,12 @@ class RecordingContext:
     mask_padding: bool = True
     masks: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
     manual_mask: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    manual_labels: Optional[torch.Tensor] = None
+
+    def current_labels(self) -> Optional[torch.Tensor]:
+        """Labels of the current batch: given by hand (``tracker.set_labels``), else the model call's ``labels``."""
+        return self.manual_labels if self.manual_labels is not None else self.labels
 
 
 @dataclass
@@ -137,6 +151,8 @@ class LayerRecorder:
         Shared with the tracker's other recorders.
     accumulators : dict
         Mode (``'train'``, ``'eval'``) to an empty accumulator.
+    classes : dict, optional
+        Mode to empty per-class sums, when class-conditional statistics are asked for.
     """
 
     def __init__(
@@ -146,8 +162,11 @@ class LayerRecorder:
         adapter: LayerAdapter,
         context: RecordingContext,
         accumulators: Dict[str, TorchCovarianceMatrix],
+        classes: Optional[Dict[str, ClassMoments]] = None,
     ) -> None:
         self.name = name
+        #: Per-class sums per mode, for class-conditional statistics (``None`` when none is asked for).
+        self.classes = classes
         self.module = module
         self.adapter = adapter
         self.context = context
@@ -197,7 +216,7 @@ class LayerRecorder:
         count = num_samples(samples)
         if count == 0:
             return
-        self.rows_per_forward = count
+        self.rows_per_forward = labelled = count
         if max_samples is not None and state.rows + count > max_samples:
             keep = max_samples - state.rows
             samples = as_rows(samples)[:keep]
@@ -205,6 +224,11 @@ class LayerRecorder:
             count = keep
         state.accumulator.update(samples, row_mask=row_mask)
         state.rows += count
+        if self.classes is not None:
+            labels = self.context.current_labels()
+            # Only layers with one sample per input: as many rows as labels (before max_samples cut them).
+            if labels is not None and row_mask is None and samples.ndim == 2 and labels.shape[0] == labelled:
+                self.classes["train" if module.training else "eval"].update(samples, labels[:count])
 
     def _samples(self, module: nn.Module, output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The samples of one output, and the mask of its rows when padding is left out."""
@@ -251,19 +275,21 @@ class InertHook:
         return None
 
 
-class MaskHook:
-    """Forward pre-hook (with keyword arguments) of a model root: keeps its padding masks for the recorders."""
+class KeywordHook:
+    """Forward pre-hook (with keyword arguments) of a model root: keeps its padding masks and labels."""
 
-    __name__ = "delve_mask_hook"
+    __name__ = "delve_keyword_hook"
 
     def __init__(self, context: RecordingContext) -> None:
         self.context = context
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        masks = self.context.masks
+        context = self.context
         for keyword in MASK_KEYWORDS:
             value = kwargs.get(keyword)
-            masks[keyword] = value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+            context.masks[keyword] = value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+        labels = kwargs.get("labels")
+        context.labels = labels if isinstance(labels, torch.Tensor) and labels.ndim == 1 else None
         return None
 
     def __reduce__(self) -> Tuple[type, Tuple[()]]:
@@ -304,13 +330,13 @@ def fast_path_owners(roots: Iterable[nn.Module], tracked: Iterable[nn.Module]) -
     return owners
 
 
-def takes_attention_mask(module: nn.Module) -> bool:
-    """Whether ``module.forward`` has an ``attention_mask`` parameter (the Hugging Face convention)."""
+def takes_hook_keywords(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has an ``attention_mask`` or ``labels`` parameter (the Hugging Face convention)."""
     try:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-    return any(keyword in parameters for keyword in MASK_KEYWORDS)
+    return any(keyword in parameters for keyword in HOOK_KEYWORDS)
 
 
 # Recorders of every open tracker, by the identity of the module they watch.
@@ -334,7 +360,8 @@ class HookHandle:
     recorders : iterable of LayerRecorder
         Attached now, detached by :meth:`remove`.
     mask_roots : iterable of torch.nn.Module
-        Models that get a :class:`MaskHook` (those whose forward takes ``attention_mask``).
+        Models that get a :class:`KeywordHook` (those whose forward takes
+        ``attention_mask`` or ``labels``).
     context : RecordingContext
         Given to the mask hooks.
     guarded : iterable of torch.nn.Module
@@ -350,7 +377,7 @@ class HookHandle:
     ) -> None:
         self.recorders: List[LayerRecorder] = []
         self._module_handles = [
-            root.register_forward_pre_hook(MaskHook(context), with_kwargs=True) for root in mask_roots
+            root.register_forward_pre_hook(KeywordHook(context), with_kwargs=True) for root in mask_roots
         ]
         self._module_handles += [module.register_forward_hook(FastPathGuard()) for module in guarded]
         for recorder in recorders:
@@ -397,11 +424,11 @@ __all__: List[str] = [
     "HookHandle",
     "InertHook",
     "LayerRecorder",
-    "MaskHook",
+    "KeywordHook",
     "ModeState",
     "RecordingContext",
     "attached_recorders",
     "fast_path_owners",
     "padding_mask_key",
-    "takes_attention_mask",
+    "takes_hook_keywords",
 ]

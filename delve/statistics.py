@@ -17,6 +17,8 @@ input                     what the function receives
 ``threshold``             the tracker's ``sat_threshold``
 ``eigenvectors``          float64 eigenvectors, one column per eigenvalue
 ``samples``               rows kept for the ``embed`` statistic (or ``None``)
+``classes``               per-class sums (:class:`delve.classes.ClassMoments`), or
+                          ``None`` unless every sample had a label
 ========================= ======================================================
 """
 from __future__ import annotations
@@ -30,10 +32,14 @@ import numpy as np
 import torch
 
 from delve import metrics
+from delve.classes import ClassMoments, class_distance_normalized_variance, nc1
 from delve.writers.base import MODES, STATMAP
 
+#: Statistics that need the labels of the samples (``num_classes`` and ``set_labels``).
+CLASS_STATISTICS = ("nc1", "cdnv")
+
 #: Names a statistic function's parameters may have, and so the inputs it can ask for.
-INPUTS = ("eigenvalues", "covariance", "mean", "count", "threshold", "eigenvectors", "samples")
+INPUTS = ("eigenvalues", "covariance", "mean", "count", "threshold", "eigenvectors", "samples", "classes")
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,8 @@ class LayerInputs:
         Rows kept for ``embed``.
     eigenvalues : torch.Tensor, optional
         Already computed eigenvalues (largest first), e.g. by a batched call.
+    classes : ClassMoments, optional
+        Per-class sums of the same samples, when every sample had a label.
     """
 
     def __init__(
@@ -200,8 +208,10 @@ class LayerInputs:
         threshold: float,
         samples: Optional[torch.Tensor] = None,
         eigenvalues: Optional[torch.Tensor] = None,
+        classes: Optional[ClassMoments] = None,
     ) -> None:
         self.covariance = covariance
+        self.classes = classes
         self.mean = mean
         self.count = count
         self.threshold = threshold
@@ -283,6 +293,14 @@ def _trace(covariance: torch.Tensor) -> float:
     return metrics.compute_cov_trace(covariance)
 
 
+def _nc1(covariance: torch.Tensor, mean: torch.Tensor, classes: Optional[ClassMoments]) -> float:
+    return math.nan if classes is None else nc1(covariance, mean, classes)
+
+
+def _cdnv(classes: Optional[ClassMoments]) -> float:
+    return math.nan if classes is None else class_distance_normalized_variance(classes)
+
+
 def _builtin(key: str, function: Callable[..., Any], array: bool = False, empty: float = math.nan) -> None:
     _REGISTRY[key] = Statistic(key, STATMAP[key], function, *_function_inputs(key, function), array, empty)
 
@@ -295,6 +313,8 @@ _builtin("trc", _trace)
 _builtin("dtrc", metrics.diagonal_trace_from_eigenvalues)
 _builtin("embed", _embedded_sample, array=True)
 _builtin("samples", _samples, empty=0)
+_builtin("nc1", _nc1)
+_builtin("cdnv", _cdnv)
 _BUILTIN_KEYS = frozenset(_REGISTRY)
 
 

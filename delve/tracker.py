@@ -23,9 +23,10 @@ from torch import nn
 
 from delve import distributed, metrics, statistics
 from delve.adapters import BLOCK_ADAPTER, AdapterOptions, LayerAdapter, check_layer_memory, find_layer_adapter
+from delve.classes import ClassMoments, merged_across_ranks
 from delve.compat import TrackerCompat
 from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, resolve_sample_rows
-from delve.hooks import HookHandle, LayerRecorder, RecordingContext, fast_path_owners, takes_attention_mask
+from delve.hooks import HookHandle, LayerRecorder, RecordingContext, fast_path_owners, takes_hook_keywords
 from delve.layers import BlockTypes, ModuleSpec, block_matcher, find_layers, unwrap
 from delve.summary import tracking_summary
 from delve.validation import check_integer, check_path
@@ -208,6 +209,11 @@ class SaturationTracker(TrackerCompat):
         called with an ``attention_mask`` keyword of shape ``(batch, seq)``, the
         outputs of token-shaped layers keep only the positions where the mask
         is set; :meth:`padding_mask` passes a mask by hand.
+    num_classes : int, optional
+        Number of classes, needed by the class-conditional statistics ``nc1``
+        and ``cdnv``: labels handed over with :meth:`set_labels` (or the
+        ``labels`` keyword of a Hugging Face model call) feed per-class sums of
+        every layer with one sample per input.
 
     Examples
     --------
@@ -247,6 +253,7 @@ class SaturationTracker(TrackerCompat):
         memory_budget: Optional[int] = 2**30,
         blocks: BlockTypes = None,
         mask_padding: bool = True,
+        num_classes: Optional[int] = None,
     ) -> None:
         self._closed = True  # until construction succeeds
         # Nothing is written with nosave=True, so an empty savefile is harmless there (callbacks probe with it).
@@ -257,6 +264,13 @@ class SaturationTracker(TrackerCompat):
         self.log_interval = check_integer("log_interval", log_interval, 1)
         self.max_samples = check_integer("max_samples", max_samples, 1, optional=True)
         self.initial_epoch = check_integer("initial_epoch", initial_epoch, 0)
+        self.num_classes = check_integer("num_classes", num_classes, 2, optional=True)
+        wants_classes = [key for key in self.stats if key in statistics.CLASS_STATISTICS]
+        if wants_classes and self.num_classes is None:
+            raise ValueError(
+                f"stats {wants_classes} need the labels: pass num_classes (the number of classes) and hand "
+                "each batch's labels to tracker.set_labels(labels) before its forward pass"
+            )
         self.memory_budget = check_integer("memory_budget", memory_budget, 1, optional=True)
         if isinstance(sample_rows, numbers.Integral) and not isinstance(sample_rows, bool):
             sample_rows = int(sample_rows)
@@ -299,13 +313,14 @@ class SaturationTracker(TrackerCompat):
         self._epoch_dirty = False
         self._skipped_reported: Dict[str, int] = {}
         self._warned_few_samples: set = set()
+        self._warned_unlabelled: set = set()
 
         writes_files = distributed.is_main_process()
         self.writer: AbstractWriter = self._build_writer(save_to, writer_args, writes_files)
         roots = [unwrap(entry) for entry in ([modules] if isinstance(modules, nn.Module) else modules)]
         self._handle = HookHandle(
             self._recorders.values(),
-            [root for root in roots if takes_attention_mask(root)],
+            [root for root in roots if takes_hook_keywords(root)],
             self._context,
             guarded=fast_path_owners(roots, self.layers.values()),
         )
@@ -379,7 +394,10 @@ class SaturationTracker(TrackerCompat):
             )
             for mode in MODES
         }
-        return LayerRecorder(name, layer, self._adapter(layer), self._context, accumulators)
+        classes = None
+        if any(key in statistics.CLASS_STATISTICS for key in self.stats):
+            classes = {mode: ClassMoments(self.num_classes) for mode in MODES}
+        return LayerRecorder(name, layer, self._adapter(layer), self._context, accumulators, classes)
 
     def _add_layer(self, name: str, layer: nn.Module) -> None:
         """Track one more layer, given by the user (so its memory budget is enforced with an error)."""
@@ -468,6 +486,24 @@ class SaturationTracker(TrackerCompat):
         finally:
             self._context.manual_mask = previous
 
+    def set_labels(self, labels: Optional[torch.Tensor]) -> None:
+        """Hand over the labels of the next batch(es), for the class-conditional statistics.
+
+        Call it before the forward pass of each batch (``None`` forgets them).
+        Layers with one sample per input (a Linear on vectors, a pooled
+        convolution) then add their samples to per-class sums; Hugging Face
+        models called with a ``labels`` keyword need no call.
+
+        Parameters
+        ----------
+        labels : torch.Tensor or None
+            One integer class per input, shape ``(batch,)``; values outside
+            ``[0, num_classes)`` (an ignore index) are left out.
+        """
+        if labels is not None and not (isinstance(labels, torch.Tensor) and labels.ndim == 1):
+            raise ValueError(f"labels must be a 1-D tensor of class indices (one per input), got {labels!r}")
+        self._context.manual_labels = labels
+
     # ------------------------------------------------------------ statistics
     def _synced_accumulators(self) -> Dict[Tuple[str, str], TorchCovarianceMatrix]:
         """``(layer, mode)`` to accumulator, merged over all ranks under torch.distributed (local ones untouched)."""
@@ -501,7 +537,8 @@ class SaturationTracker(TrackerCompat):
         requested = self._requested()
         counts = {key: accumulator.count for key, accumulator in accumulators.items()}
         active = [mode for mode in MODES if any(counts[(name, mode)] for name in self._recorders)]
-        inputs = self._layer_inputs(accumulators, counts, active, statistics.needs_eigenvalues(requested))
+        classes = self._synced_classes({key: accumulator.dim or 0 for key, accumulator in accumulators.items()})
+        inputs = self._layer_inputs(accumulators, counts, active, statistics.needs_eigenvalues(requested), classes)
         results: Dict[str, Any] = {}
         for mode in active:
             saturations = []
@@ -530,12 +567,41 @@ class SaturationTracker(TrackerCompat):
         self._warn_few_samples(inputs)
         return results
 
+    def _synced_classes(self, dims: Mapping[Tuple[str, str], int]) -> Dict[Tuple[str, str], ClassMoments]:
+        """``(layer, mode)`` to per-class sums merged over all ranks (empty without class statistics)."""
+        local = {
+            (name, mode): moments
+            for name, recorder in self._recorders.items()
+            if recorder.classes is not None
+            for mode, moments in recorder.classes.items()
+        }
+        return merged_across_ranks(local, {key: dims[key] for key in local}) if local else {}
+
+    def _complete_classes(self, key: Tuple[str, str], moments: Optional[ClassMoments], count: int) -> Optional[ClassMoments]:
+        """``moments`` if every sample of the layer had a label, else ``None`` (warned once per layer)."""
+        if moments is None:
+            return None
+        labelled = round(moments.count)
+        if labelled == count:
+            return moments
+        if key[0] not in self._warned_unlabelled:
+            self._warned_unlabelled.add(key[0])
+            warnings.warn(
+                f"layer {key[0]!r} has labels for {labelled} of its {count} {key[1]} samples, so its "
+                "class-conditional statistics are NaN: call tracker.set_labels(labels) before every forward pass "
+                "(class statistics need one sample per input: a Linear on vectors, a pooled convolution)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+
     def _layer_inputs(
         self,
         accumulators: Mapping[Tuple[str, str], TorchCovarianceMatrix],
         counts: Mapping[Tuple[str, str], int],
         modes: Sequence[str],
         with_eigenvalues: bool,
+        classes: Mapping[Tuple[str, str], ClassMoments],
     ) -> Dict[Tuple[str, str], statistics.LayerInputs]:
         """Inputs of the statistics for every layer and mode with data (eigenvalues of all in one go)."""
         keys = [(name, mode) for mode in modes for name in self._recorders if counts[(name, mode)]]
@@ -551,6 +617,7 @@ class SaturationTracker(TrackerCompat):
                 threshold=self.threshold,
                 samples=accumulators[key].saved_samples,
                 eigenvalues=values,
+                classes=self._complete_classes(key, classes.get(key), counts[key]),
             )
             for key, covariance, values in zip(keys, covariances, eigenvalues)
         }
@@ -619,6 +686,9 @@ class SaturationTracker(TrackerCompat):
                 if accumulators:
                     state.accumulator.reset()
                 state.calls = state.rows = 0
+            if accumulators and recorder.classes is not None:
+                for moments in recorder.classes.values():
+                    moments.reset()
 
     def _check_open(self, action: str) -> None:
         if self._closed:
@@ -733,7 +803,12 @@ class SaturationTracker(TrackerCompat):
             "record": self.record,
             "layers": {
                 name: {
-                    mode: {"accumulator": state.accumulator.state_dict(), "calls": state.calls, "rows": state.rows}
+                    mode: {
+                        "accumulator": state.accumulator.state_dict(),
+                        "calls": state.calls,
+                        "rows": state.rows,
+                        **({} if recorder.classes is None else {"classes": recorder.classes[mode].state_dict()}),
+                    }
                     for mode, state in recorder.modes.items()
                 }
                 for name, recorder in self._recorders.items()
@@ -763,6 +838,8 @@ class SaturationTracker(TrackerCompat):
                 target.accumulator.load_state_dict(saved_mode["accumulator"])
                 target.calls = saved_mode["calls"]
                 target.rows = saved_mode["rows"]
+                if self._recorders[name].classes is not None and "classes" in saved_mode:
+                    self._recorders[name].classes[mode].load_state_dict(saved_mode["classes"])
 
     def close(self) -> None:
         """Remove every hook and close the writers; calling it again does nothing."""

@@ -22,6 +22,8 @@ STATMAP: Dict[str, str] = {
     "dtrc": "diagonal-trace",
     "embed": "embedded-sample",
     "samples": "samples",
+    "nc1": "nc1",
+    "cdnv": "class-distance-normalized-variance",
 }
 """Statistic keys and the names they carry in every output."""
 
