@@ -39,6 +39,8 @@ WRITERS: Dict[str, str] = {
     "csvplot": "delve.writers.plot:CSVandPlottingWriter",
     "plot": "delve.writers.plot:CSVandPlottingWriter",
     "plotcsv": "delve.writers.plot:CSVandPlottingWriter",
+    "wandb": "delve.writers.wandb:WandbWriter",
+    "mlflow": "delve.writers.mlflow:MLflowWriter",
 }
 
 _LAZY_NAMES: Dict[str, str] = {
