@@ -17,6 +17,7 @@ import re
 import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Tuple
 
 import pandas as pd
@@ -154,11 +155,20 @@ def _wandb_records(run: Any) -> List[Any]:
     return records
 
 
-def read_wandb_run(run: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """The history rows (key -> decoded value, media as nested dicts) and the metric definitions of a W&B run."""
-    rows, metrics = [], {}
+def read_wandb_run(run: Any) -> SimpleNamespace:
+    """What an offline W&B run recorded, from its local files.
+
+    Returns
+    -------
+    SimpleNamespace
+        ``rows``: the history rows, key to decoded value (media as nested
+        dicts); ``metrics``: metric definitions by name; ``config``: config
+        updates by key path (a tuple); ``kinds``: the record types in order.
+    """
+    read = SimpleNamespace(rows=[], metrics={}, config={}, kinds=[])
     for record in _wandb_records(run):
         kind = record.WhichOneof("record_type")
+        read.kinds.append(kind)
         if kind == "history":
             row: Dict[str, Any] = {}
             for item in record.history.item:
@@ -167,10 +177,13 @@ def read_wandb_run(run: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
                 for part in path[:-1]:
                     target = target.setdefault(part, {})
                 target[path[-1]] = json.loads(item.value_json)
-            rows.append(row)
+            read.rows.append(row)
         elif kind == "metric":
-            metrics[record.metric.name or record.metric.glob_name] = record.metric
-    return rows, metrics
+            read.metrics[record.metric.name or record.metric.glob_name] = record.metric
+        elif kind == "config":
+            for item in record.config.update:
+                read.config[tuple(item.nested_key) or (item.key,)] = json.loads(item.value_json)
+    return read
 
 
 # --------------------------------------------------------------- the contract
@@ -194,7 +207,7 @@ def _console_epochs(tracker: SaturationTracker) -> Dict[int, float]:
 
 
 def _wandb_epochs(tracker: SaturationTracker) -> Dict[int, float]:
-    rows, _ = read_wandb_run(tracker.writer.run)
+    rows = read_wandb_run(tracker.writer.run).rows
     return {row["delve/epoch"]: row["accuracy"] for row in rows if "accuracy" in row}
 
 
