@@ -1,9 +1,9 @@
 """Weights & Biases output (``save_to="wandb"``): every value in a W&B run, one panel section per statistic.
 
-Keys (see :func:`~delve.writers._experiment.metric_key`): the output name
-``train-saturation_features-0`` is logged as ``saturation/train/features-0``,
-so the W&B workspace shows a section ``saturation`` with a chart per mode and
-layer, another for ``intrinsic-dimensionality``, and so on. User scalars
+Keys: the output name ``train-saturation_features-0`` is logged as
+``saturation/train/features-0``, so the W&B workspace shows a section
+``saturation`` with a chart per mode and layer, another for
+``intrinsic-dimensionality``, and so on. User scalars
 (``accuracy``) and averages (``average-train-sat``) keep their names. A
 covariance matrix (statistic ``cov``) is logged as a histogram of its
 eigenvalues under ``covariance-eigenvalues/<mode>/<layer>``; embedded samples
