@@ -294,12 +294,14 @@ class MLflowWriter(ExperimentWriter):
         """Upload the artifacts, then mark a run the writer started (or continued from ``run_id``) finished."""
         if self.client is None:
             return
-        if self.log_artifacts and self.history:
-            with tempfile.TemporaryDirectory(prefix="delve-mlflow-") as folder:
-                self.write_artifacts(folder)
-                self.client.log_artifacts(self.run_id, folder, self.artifact_path or None)
-        if self._owns_run:
-            self.client.set_terminated(self.run_id)
+        try:
+            if self.log_artifacts and self.history:
+                with tempfile.TemporaryDirectory(prefix="delve-mlflow-") as folder:
+                    self.write_artifacts(folder)
+                    self.client.log_artifacts(self.run_id, folder, self.artifact_path or None)
+        finally:
+            if self._owns_run:
+                self.client.set_terminated(self.run_id)
 
 
 def _has_saturation(names: Iterable[str]) -> bool:

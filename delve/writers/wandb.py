@@ -179,11 +179,13 @@ class WandbWriter(ExperimentWriter):
         """Log the last epoch's saturation profile, then finish the run if the writer started it."""
         if self.run is None:
             return
-        charts = self.profile_charts()
-        if charts:
-            self._log({STEP_KEY: self.last_statistics[0], **charts})
-        if self._owns_run:
-            self.run.finish()
+        try:
+            charts = self.profile_charts()
+            if charts:
+                self._log({STEP_KEY: self.last_statistics[0], **charts})
+        finally:
+            if self._owns_run:
+                self.run.finish()
 
 
 def _wandb_value(name: str, value: Any) -> Any:
