@@ -32,6 +32,10 @@ setup(
         "lightning": ["lightning>=2.1"],
         "hf": ["transformers>=4.41", "accelerate>=0.26"],
         "keras": ["keras>=3.0"],
+        "wandb": ["wandb>=0.16"],
+        # The MLflow client without its UI server; SQLAlchemy and Alembic give it local SQLite stores
+        # (MLflow's default store is sqlite:///mlflow.db). `pip install mlflow` adds the UI.
+        "mlflow": ["mlflow-skinny>=2.10", "sqlalchemy>=1.4", "alembic>=1.11"],
         "examples": ["scikit-learn>=1.2"],
     },
     entry_points={"console_scripts": ["delve=delve.__main__:main"]},

@@ -413,11 +413,10 @@ class SaturationTracker(TrackerCompat):
         arguments.setdefault("savepath", self.savefile)
         if not writes_files:
             return distributed.NullWriter(**arguments)
-        if not self.nosave:
-            os.makedirs(os.path.abspath(self.savefile), exist_ok=True)
         writer = build_writer(save_to, arguments)
         if self.nosave:
             return writer
+        os.makedirs(os.path.abspath(self.savefile), exist_ok=True)
         if self.initial_epoch == 0:
             self._move_previous_run(writer.previous_outputs())
         else:

@@ -1,4 +1,4 @@
-"""Writers: where delve's statistics go (CSV, plots, npy, TensorBoard, console).
+"""Writers: where delve's statistics go (CSV, plots, npy, TensorBoard, console, W&B, MLflow).
 
 ``save_to`` of :class:`~delve.SaturationTracker` takes a key of :data:`WRITERS`,
 an :class:`AbstractWriter` instance, or a list of either. Each backend lives in
@@ -14,6 +14,8 @@ key                                       writes
 ``tensorboard``, ``tb``                   event files in ``<savefile>/``
 ``print``                                 ``name: value`` lines
 ``console``                               one tqdm bar per layer
+``wandb``                                 a Weights & Biases run (``delve[wandb]``)
+``mlflow``                                an MLflow run (``delve[mlflow]``)
 ========================================= =============================================
 
 The plotting helpers of delve 0.1.50 (:func:`extract_layer_stat`,
@@ -81,6 +83,8 @@ WRITERS = WriterRegistry(
         "csvplot": "delve.writers.plot:CSVandPlottingWriter",
         "plot": "delve.writers.plot:CSVandPlottingWriter",
         "plotcsv": "delve.writers.plot:CSVandPlottingWriter",
+        "wandb": "delve.writers.wandb:WandbWriter",
+        "mlflow": "delve.writers.mlflow:MLflowWriter",
     }
 )
 
