@@ -164,14 +164,14 @@ class SaturationCallback(pl.Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Start the tracker: a new run, or the run of the checkpoint ``fit`` resumes from."""
         state, self._checkpoint_state = self._checkpoint_state, None
-        if state is None:
-            self.driver.start(pl_module)
-        else:
-            row = int(state["rows_written"])
+        row = None if state is None else int(state["rows_written"])
+        if row is not None and row > self.driver.initial_epoch:
             announce_continuation(self.savefile, row, "the run of the checkpoint")
             self.driver.start(pl_module, continue_at=row)
-            if self.checkpoint_statistics:
-                self.driver.load_statistics(state)
+        else:  # a new run, or a checkpoint taken before its first row
+            self.driver.start(pl_module)
+        if state is not None and self.checkpoint_statistics:
+            self.driver.load_statistics(state)
         self._last_row_step = trainer.global_step
 
     def on_train_batch_end(
