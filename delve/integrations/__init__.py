@@ -6,12 +6,17 @@
   ``transformers`` :class:`~transformers.Trainer` (``pip install delve[hf]``).
 
 Both take ``SaturationCallback(savefile, every_n_steps=None, log_prefix='delve/',
-log_to_trainer=True, **options)`` where ``options`` are the keyword arguments of
+log_to_trainer=True, checkpoint_statistics=None, **options)`` (the Hugging Face
+one also ``trainer=None``) where ``options`` are the keyword arguments of
 :class:`~delve.tracker.SaturationTracker` (``save_to`` defaults to ``'csv'``,
 ``modules`` to the model being trained). ``import delve`` never imports this
-package; each submodule imports only its own framework.
+package; each submodule imports only its own framework. The Keras callbacks
+live in :mod:`delve.kerascallback`.
 
-This package module holds the framework-neutral part the callbacks share.
+This package module holds the framework-neutral part the callbacks share: the
+row bookkeeping of :class:`TrackerDriver` and the message a callback gives
+when it continues a run (a new run moves an earlier one aside, which the
+tracker says).
 """
 from __future__ import annotations
 

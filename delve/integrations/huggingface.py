@@ -71,21 +71,24 @@ class SaturationCallback(TrainerCallback):
     No row is written when nothing was recorded since the previous one; rows
     are numbered in the order they are written.
 
-    With ``log_to_trainer`` the row's scalar statistics (named ``log_prefix +
-    name``) go
+    With ``log_to_trainer`` the row's scalar statistics are named ``log_prefix
+    + name`` (``delve/train-saturation_<layer>``), those of the ``eval`` mode
+    with the evaluation's metric prefix in front (``eval_delve/eval-saturation_<layer>``,
+    as the trainer names its own evaluation values), and go
 
     * to ``Trainer.log`` when the callback knows the trainer
       (``trainer.add_callback(SaturationCallback(..., trainer=trainer))``):
       into ``state.log_history`` and to every ``report_to`` logger
-      (TensorBoard, W&B, MLflow...) at ``state.global_step``. Without the
-      trainer they go into ``state.log_history`` only, since a callback
-      cannot reach the loggers (which run before it) otherwise; the callback
-      warns about it when ``report_to`` names a logger;
-    * for a row written at an evaluation, also into that evaluation's metrics
-      with the evaluation's prefix (``eval_delve/eval-saturation_<layer>``),
-      which ``Trainer.evaluate`` returns, the callbacks after this one receive
-      and ``metric_for_best_model="delve/eval-saturation_<layer>"`` (to which
-      the trainer adds ``eval_``) selects the best checkpoint by.
+      (TensorBoard, W&B, MLflow...) at ``state.global_step``, where they show
+      up as ``train/delve/train-...`` and ``eval/delve/eval-...``. Without the
+      trainer they go into ``state.log_history`` only: the loggers run before
+      any user callback, so a callback cannot reach them otherwise (the
+      callback warns when ``report_to`` names a logger);
+    * for a row written at an evaluation, its ``eval`` values also into that
+      evaluation's metrics, which ``Trainer.evaluate`` returns, the callbacks
+      after this one receive, and ``metric_for_best_model`` reads:
+      ``metric_for_best_model="delve/eval-saturation_<layer>"`` works, as the
+      trainer adds ``eval_`` itself.
 
     Parameters
     ----------
