@@ -1,5 +1,4 @@
 """The Hugging Face callback in real ``Trainer.train`` runs on a tiny model (CPU), rows checked against numpy."""
-import os
 import shutil
 import warnings
 
@@ -16,7 +15,6 @@ from test_integrations import (
     N_VAL,
     OutputRecorder,
     check_rows,
-    check_rows_against_numpy,
     check_saturation_columns,
     read_csv,
     synthetic,
@@ -204,7 +202,8 @@ def test_huggingface_every_n_steps_writes_the_steps_after_the_last_multiple(tmp_
     trainer = hf_trainer(tmp_path, [callback, phase], model=model, max_steps=7, eval_strategy="no")
     trainer.train()
 
-    check_rows(read_csv(savefile), recorder, [{"train": (("steps", s), n * BATCH)} for s, n in ((0, 3), (1, 3), (2, 1))])
+    expected = [{"train": (("steps", group), steps * BATCH)} for group, steps in ((0, 3), (1, 3), (2, 1))]
+    check_rows(read_csv(savefile), recorder, expected)
     assert [entry["step"] for entry in delve_entries(trainer)] == [3, 6, 7]
 
 

@@ -249,8 +249,8 @@ def test_lightning_resume_from_a_checkpoint_taken_when_validation_ends(tmp_path,
     pd.testing.assert_frame_equal(read_csv(resumed), expected)
     assert len(expected) == (4 if trainer_options else 2)  # a row per validation, see the test below
     row = len(expected) // 2
-    said = [str(w.message) for w in caught if "delve continues" in str(w.message)]
-    assert said == [f"delve continues the run of the checkpoint in {resumed!r} at row {row} (the rows before it are kept)"]
+    message = f"delve continues the run of the checkpoint in {resumed!r} at row {row} (the rows before it are kept)"
+    assert [str(w.message) for w in caught if "delve continues" in str(w.message)] == [message]
 
 
 def test_lightning_every_validation_writes_its_row_before_monitors_look(tmp_path):

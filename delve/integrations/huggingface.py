@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -28,13 +28,16 @@ from delve.integrations import TrackerDriver, announce_continuation
 from delve.writers._files import atomic_write_bytes
 
 try:
-    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:
     raise ImportError(
         "delve.integrations.huggingface needs transformers; install it with `pip install delve[hf]` "
         "(or `pip install transformers accelerate`)"
     ) from error
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 #: Key that marks delve's entries in ``TrainerState.log_history`` and numbers its rows.
 ROW_KEY = "delve_row"
@@ -137,11 +140,14 @@ class SaturationCallback(TrainerCallback):
         log_prefix: str = "delve/",
         log_to_trainer: bool = True,
         checkpoint_statistics: Optional[bool] = None,
-        trainer: Optional[Trainer] = None,
+        trainer: Optional["Trainer"] = None,
         **options: Any,
     ) -> None:
-        if trainer is not None and not isinstance(trainer, Trainer):
-            raise TypeError(f"trainer must be the transformers.Trainer the callback is added to, got {trainer!r}")
+        if trainer is not None:
+            from transformers import Trainer  # loaded already when there is a trainer
+
+            if not isinstance(trainer, Trainer):
+                raise TypeError(f"trainer must be the transformers.Trainer the callback is added to, got {trainer!r}")
         self.driver = TrackerDriver(savefile, every_n_steps, log_prefix, options)
         self.savefile = savefile
         self.log_to_trainer = log_to_trainer
