@@ -5,6 +5,7 @@ the callbacks in real trainers on a tiny model (CPU, no downloads). The
 statistics in the CSV are checked against numpy on activations that an
 independent forward hook collected during the same run.
 """
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -76,6 +77,21 @@ def check_rows(frame, recorder, expected, layer="net-0"):
 def check_rows_against_numpy(frame, recorder, epochs=(0, 1), layer="net-0"):
     """One row per epoch with all training (``N_TRAIN``) and validation (``N_VAL``) samples of that epoch."""
     check_rows(frame, recorder, [{"train": (e, N_TRAIN), "eval": (e, N_VAL)} for e in epochs], layer)
+
+
+def needs_fresh_run_rule():
+    """Skip unless the tracker moves an earlier run's outputs aside when a new run starts in their place."""
+    from delve.writers.base import AbstractWriter
+
+    if not hasattr(AbstractWriter, "previous_outputs"):
+        pytest.skip("this tracker does not move an earlier run aside yet (the fresh-run rule of the writers)")
+
+
+def check_moved_aside(savefile, caught, earlier):
+    """The new run said that it moved the earlier run aside, and the backup holds the earlier CSV."""
+    assert [str(w.message) for w in caught if "fresh run" in str(w.message)], [str(w.message) for w in caught]
+    backup = os.path.join(f"{savefile}.previous", os.path.basename(savefile))
+    pd.testing.assert_frame_equal(read_csv(backup), earlier)
 
 
 class OutputRecorder:

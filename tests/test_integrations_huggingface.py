@@ -14,8 +14,10 @@ from test_integrations import (
     N_TRAIN,
     N_VAL,
     OutputRecorder,
+    check_moved_aside,
     check_rows,
     check_saturation_columns,
+    needs_fresh_run_rule,
     read_csv,
     synthetic,
 )
@@ -301,6 +303,18 @@ def test_huggingface_a_second_trainer_with_the_same_callback_is_a_new_run(tmp_pa
     second = read_csv(savefile)
     assert list(second.index) == [0]
     assert not np.allclose(second.to_numpy(dtype=float), first.to_numpy(dtype=float))
+
+
+def test_huggingface_a_new_run_moves_the_earlier_one_aside(tmp_path):
+    needs_fresh_run_rule()
+    savefile = str(tmp_path / "hf_again")
+    hf_trainer(tmp_path, [SaturationCallback(savefile, stats=["trc"])], num_train_epochs=1).train()
+    first = read_csv(savefile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_trainer(tmp_path, [SaturationCallback(savefile, stats=["trc"])], num_train_epochs=1).train()
+    check_moved_aside(savefile, caught, first)
+    assert list(read_csv(savefile).index) == [0]
 
 
 def test_huggingface_callback_rejects_bad_options(tmp_path):

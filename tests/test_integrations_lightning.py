@@ -13,12 +13,15 @@ from test_integrations import (
     N_TRAIN,
     N_VAL,
     OutputRecorder,
+    check_moved_aside,
     check_rows,
     check_rows_against_numpy,
     check_saturation_columns,
+    needs_fresh_run_rule,
     read_csv,
     synthetic,
 )
+
 
 def lightning():
     """``lightning.pytorch``, else ``pytorch_lightning`` (as the callback does), else skip the test."""
@@ -350,3 +353,18 @@ def test_lightning_a_second_fit_of_the_same_callback_is_a_new_run(tmp_path):
     second = read_csv(savefile)
     assert list(second.index) == [0, 1]  # rows 0 and 1 of the second run, not rows 2 and 3 after the first
     assert not np.allclose(second.to_numpy(dtype=float), first.to_numpy(dtype=float), equal_nan=True)  # other weights
+
+
+def test_lightning_a_new_run_moves_the_earlier_one_aside(tmp_path):
+    needs_fresh_run_rule()
+    from delve.integrations.lightning import SaturationCallback
+
+    savefile = str(tmp_path / "again")
+    callback = SaturationCallback(savefile, stats=["trc"])
+    lightning_trainer(tmp_path, [callback], max_epochs=1).fit(lightning_module_class()(), *lightning_loaders())
+    first = read_csv(savefile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lightning_trainer(tmp_path, [callback], max_epochs=1).fit(lightning_module_class()(), *lightning_loaders())
+    check_moved_aside(savefile, caught, first)
+    assert list(read_csv(savefile).index) == [0]

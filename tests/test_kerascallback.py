@@ -468,6 +468,10 @@ def test_tracker_callback_new_callback_is_a_new_run(tmp_path: Path) -> None:
         model.fit(x, y, epochs=2, verbose=0, callbacks=[kc.SaturationCallback(savefile, log_metrics=False)])
     assert not [w for w in caught if "delve continues" in str(w.message)]
     assert list(pd.read_csv(savefile + ".csv", sep=";", index_col=0).index) == [0, 1]
+    if hasattr(AbstractWriter, "previous_outputs"):  # the tracker's fresh-run rule: the earlier run moved aside
+        assert [w for w in caught if "fresh run" in str(w.message)]
+        backup = os.path.join(savefile + ".previous", "twice.csv")
+        assert list(pd.read_csv(backup, sep=";", index_col=0).index) == [0, 1, 2]
 
 
 def test_tracker_callback_values_reach_keras_logs_history_and_early_stopping(tmp_path: Path) -> None:
