@@ -182,12 +182,8 @@ class TrackerDriver:
         """Count a batch the tracker recorded in ``mode`` (``'train'`` or ``'eval'``) since the last row."""
         self._batches[mode] += 1
 
-    def recorded(self, mode: str) -> int:
-        """Batches recorded in ``mode`` since the last row."""
-        return self._batches[mode]
-
     def park_training(self) -> None:
-        """Set the training batches recorded since the last row aside until the next row is written.
+        """Set the training batches recorded since the last row aside, until :meth:`restore_training`.
 
         Does nothing without such batches, or with ``reset_covariance=False``
         (every row then holds all training batches so far anyway).

@@ -208,13 +208,13 @@ class SaturationCallback(TrainerCallback):
                 stacklevel=2,
             )
         written = [entry[ROW_KEY] for entry in state.log_history if ROW_KEY in entry]
-        if not written:
+        if written:
+            row = max(written) + 1
+            announce_continuation(self.savefile, row, "the run of the checkpoint")
+            self.driver.start(model, continue_at=row)
+        else:  # a new run, or a checkpoint taken before its first row
             self.driver.start(model)
-            return
-        row = max(written) + 1
-        announce_continuation(self.savefile, row, "the run of the checkpoint")
-        self.driver.start(model, continue_at=row)
-        if self.checkpoint_statistics:
+        if self.checkpoint_statistics and state.global_step > 0:
             path = self._checkpoint_file(args, state)
             if os.path.exists(path):
                 self.driver.load_statistics(torch.load(path, weights_only=True))
