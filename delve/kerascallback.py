@@ -47,6 +47,7 @@ from torch import nn
 
 from delve import metrics
 from delve.adapters import AdapterOptions
+from delve.integrations import announce_continuation, scalar_results
 from delve.keras_layers import (  # picks Keras' backend before Keras is imported
     FixedInputSaturation,
     is_torch_backend,
@@ -205,7 +206,14 @@ class SaturationCallback(keras.callbacks.Callback):
     (recorded as ``train``) and every validation batch (recorded as ``eval``).
     At the end of each ``freq``-th epoch the statistics go to the writers, with
     the names and CSV columns of the PyTorch side, so Keras and PyTorch runs can
-    be read and plotted together. Forward passes outside ``fit`` batches (a
+    be read and plotted together. Every writer numbers the row by the epoch
+    (CSV index, TensorBoard step, npy file), so ``freq=2`` writes epochs 0, 2,
+    4... With ``log_to_trainer`` the scalar statistics are also added to the
+    epoch's Keras ``logs``, where the callbacks after this one see them:
+    ``History`` (``model.fit(...).history``), ``EarlyStopping`` and
+    ``ModelCheckpoint`` (``monitor="eval-saturation_<layer>"``), ``CSVLogger``,
+    Keras' ``TensorBoard`` and the progress bar (put this callback before the
+    ones that monitor its values). Forward passes outside ``fit`` batches (a
     :class:`SaturationLogger`, ``predict``) are not recorded. Needs
     ``KERAS_BACKEND=torch`` and eager execution: ``fit`` raises a ValueError
     for a model compiled with ``jit_compile=True`` (the torch backend's
@@ -222,28 +230,43 @@ class SaturationCallback(keras.callbacks.Callback):
         Record and write every ``freq`` epochs (epochs ``0, freq, 2 * freq``...).
     log_metrics : bool
         Also write Keras' epoch logs (``loss``, ``val_loss``, metrics) in the same row.
+    log_to_trainer : bool
+        Also add the statistics to Keras' epoch ``logs``.
     writer_args : dict, optional
         Keyword arguments for the writers built from keys.
     **tracker_args
         Other options of :class:`~delve.SaturationTracker` (``stats``,
         ``conv_method``, ``sat_threshold``, ``max_samples``, ``include_conv``,
-        ``average_sat``, ``ignore_layer_names``...).
+        ``average_sat``, ``ignore_layer_names``...). ``initial_epoch`` numbers
+        the first epoch of the first ``fit``.
 
     Attributes
     ----------
     tracker : SaturationTracker or None
         The tracker while ``fit`` runs.
     history : dict
-        Epoch to the statistics written for it.
+        Epoch to the statistics written for it, over every ``fit`` of this callback.
+
+    Notes
+    -----
+    The first ``fit`` of a callback starts a new run at epoch 0: by the
+    tracker's rule, an earlier run in ``savefile`` is moved aside (the tracker
+    says so). ``fit(initial_epoch=E)`` continues the run at epoch ``E``,
+    keeping the rows before it, and a later ``fit`` of the same callback
+    without ``initial_epoch`` continues after the last epoch it saw (a second
+    ``model.fit`` trains the same model on); the callback says so in both
+    cases. Create a new callback for a new run.
 
     Examples
     --------
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden")])
     >>> model.compile(optimizer="sgd", loss="mse")
     >>> callback = SaturationCallback("runs/doc_keras", save_to="csv", nosave=True)
-    >>> _ = model.fit(np.eye(4), np.zeros((4, 3)), epochs=1, verbose=0, callbacks=[callback])
+    >>> fitted = model.fit(np.eye(4), np.zeros((4, 3)), epochs=1, verbose=0, callbacks=[callback])
     >>> sorted(callback.history[0])
     ['loss', 'train-saturation_hidden']
+    >>> fitted.history["train-saturation_hidden"] == [callback.history[0]["train-saturation_hidden"]]
+    True
     """
 
     def __init__(
@@ -253,6 +276,7 @@ class SaturationCallback(keras.callbacks.Callback):
         freq: int = 1,
         log_metrics: bool = True,
         writer_args: Optional[Dict[str, Any]] = None,
+        log_to_trainer: bool = True,
         **tracker_args: Any,
     ) -> None:
         super().__init__()
@@ -263,16 +287,21 @@ class SaturationCallback(keras.callbacks.Callback):
         self.save_to = save_to
         self.freq = freq
         self.log_metrics = log_metrics
+        self.log_to_trainer = log_to_trainer
         self.writer_args = dict(writer_args or {})
         self.tracker_args = _validated_tracker_args(tracker_args)
         self.tracker: Optional[SaturationTracker] = None
         self.history: Dict[int, Dict[str, Any]] = {}
-        self._epochs_written = 0
+        #: Epoch of the run after the last one a ``fit`` of this callback went through (0: none yet).
+        self._next_epoch = 0
+        #: Run epoch minus Keras' epoch in the current ``fit``.
+        self._offset = 0
+        self._fit_started = False
         self._logging_epoch = False
         self._training_flags: Dict[str, bool] = {}
 
     # ------------------------------------------------------------ lifecycle
-    def _build_tracker(self) -> SaturationTracker:
+    def _build_tracker(self, initial_epoch: int) -> SaturationTracker:
         layers = keras_layers(self.model, include_conv=self.tracker_args.get("include_conv", True))
         if not layers:
             raise ValueError("the model has no Dense or convolution layer for delve to track")
@@ -281,35 +310,50 @@ class SaturationCallback(keras.callbacks.Callback):
             # Keras names may contain dots or shadow Module attributes, which add_module rejects.
             container._modules[name] = layer
         self._training_flags = {name: layer.training for name, layer in layers.items()}
-        args = dict(self.tracker_args)
-        args.setdefault("initial_epoch", self._epochs_written)
+        args = {**self.tracker_args, "initial_epoch": initial_epoch}
         tracker = SaturationTracker(
             self.savefile, save_to=self.save_to, modules=container, writer_args=self.writer_args, **args
         )
         tracker.stop()
         return tracker
 
+    def _start(self, keras_epoch: int) -> None:
+        """Start this ``fit``'s tracker at its first epoch: a new run or the continuation of one."""
+        if keras_epoch > 0:  # fit(initial_epoch=E): Keras numbers the epochs
+            self._offset = self.tracker_args.get("initial_epoch", 0)
+            reason = f"the run at fit's initial_epoch={keras_epoch}"
+        elif self._next_epoch > 0:  # a later fit of this callback trains the same model on
+            self._offset = self._next_epoch
+            reason = "the run of this callback's previous fit"
+        else:
+            self._offset = self.tracker_args.get("initial_epoch", 0)
+            reason = ""
+        first = self._offset + keras_epoch
+        if reason:
+            announce_continuation(self.savefile, first, reason)
+        self.tracker = self._build_tracker(first)
+
     def _set_training(self, training: bool) -> None:
         for layer in self.tracker.layers.values():
             layer.training = training
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Attach the tracker's hooks to the model's Dense and convolution layers."""
+        """Check the backend and the model; the tracker starts with the first epoch."""
         require_torch_backend(type(self).__name__)
         if getattr(self.model, "jit_compile", False):
             raise ValueError(
                 f"{type(self).__name__} cannot see the batches of a model compiled with jit_compile=True "
                 "(torch.compile skips delve's forward hooks); compile it with jit_compile=False"
             )
-        if self.tracker is None:
-            self.tracker = self._build_tracker()
+        self._fit_started = True
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Decide whether this epoch is recorded."""
-        self._logging_epoch = self.tracker is not None and epoch % self.freq == 0
+        """Start the tracker at the first epoch of a ``fit``; decide whether this epoch is recorded."""
+        if self._fit_started and self.tracker is None:
+            self._start(epoch)
+        self._logging_epoch = self.tracker is not None and (self._offset + epoch) % self.freq == 0
         if self.tracker is not None:
             self._set_training(True)
-
     def on_train_batch_begin(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         """Record this batch's forward pass (in a recorded epoch)."""
         if self._logging_epoch:
@@ -341,25 +385,30 @@ class SaturationCallback(keras.callbacks.Callback):
             self._set_training(True)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Write this epoch's statistics (and Keras' logs) with the epoch as step."""
+        """Write this epoch's statistics (and Keras' logs) with the run's epoch as step; add them to ``logs``."""
+        run_epoch = self._offset + epoch
+        if self.tracker is not None:
+            self._next_epoch = run_epoch + 1
         if not self._logging_epoch:
             return
         self._logging_epoch = False
         tracker = self.tracker
-        tracker.epoch = epoch
+        tracker.epoch = run_epoch
         written: Dict[str, Any] = {}
         if self.log_metrics and logs:
             scalars = {name: float(value) for name, value in logs.items() if np.ndim(value) == 0}
             tracker.add_scalars("", scalars)
             written.update(scalars)
-        written.update(tracker.add_saturations())
-        self._epochs_written += 1
-        self.history[epoch] = written
+        results = tracker.add_saturations()
+        written.update(results)
+        self.history[run_epoch] = written
+        if self.log_to_trainer and logs is not None:
+            logs.update((name, value) for name, value in scalar_results(results, "").items() if not np.isnan(value))
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        """Remove the hooks and close the writers; a later ``fit`` continues the same files."""
+        """Remove the hooks and close the writers; a later ``fit`` continues the run."""
+        self._fit_started = False
         self.close()
-
     def close(self) -> None:
         """Remove the hooks, restore the layers' training flags and close the writers."""
         if self.tracker is None:

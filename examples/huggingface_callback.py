@@ -8,10 +8,14 @@ callback
 
 * writes ``runs/huggingface_callback.csv``: one row per epoch with the training
   statistics (``train-saturation_bert-encoder-layer-0-attention-self-query``...)
-  and those of the evaluation that follows the epoch (``eval-...``);
-* adds the same numbers, prefixed ``delve/``, to ``trainer.state.log_history``
-  (saved in each checkpoint's ``trainer_state.json``) and to the metrics
-  ``trainer.evaluate`` returns.
+  and those of the evaluation at the end of the epoch (``eval-...``);
+* gives the same numbers to ``Trainer.log`` (the callback is added with
+  ``trainer=trainer``), prefixed ``delve/`` and, for the evaluation's,
+  ``eval_delve/``: they go into ``trainer.state.log_history`` (saved in each
+  checkpoint's ``trainer_state.json``) and to the ``report_to`` loggers
+  (``--report-to tensorboard`` writes them beside the loss, under
+  ``runs/huggingface_trainer/runs/``), and the evaluation's values into the
+  metrics ``Trainer.evaluate`` returns, so ``metric_for_best_model`` can name one.
 
 Needs ``pip install delve[hf]``.
 """
@@ -58,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="two epochs on 256 sequences, for smoke tests")
+    parser.add_argument("--report-to", default="none", help="the Trainer's report_to, e.g. tensorboard")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -72,18 +77,18 @@ def main() -> None:
         eval_strategy="epoch",
         logging_strategy="epoch",
         save_strategy="no",
-        report_to="none",
+        report_to=args.report_to,
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
     )
-    callback = SaturationCallback("runs/huggingface_callback", stats=["lsat", "idim"])
-    trainer = Trainer(tiny_bert(), training_args, train_dataset=train, eval_dataset=test, callbacks=[callback])
+    trainer = Trainer(tiny_bert(), training_args, train_dataset=train, eval_dataset=test)
+    trainer.add_callback(SaturationCallback("runs/huggingface_callback", trainer=trainer, stats=["lsat", "idim"]))
     trainer.train()
     last = [entry for entry in trainer.state.log_history if ROW_KEY in entry][-1]
     print(
         "last epoch, eval saturation:",
-        {k.split("_", 1)[1]: round(v, 3) for k, v in last.items() if k.startswith("delve/eval-saturation")},
+        {k.split("_", 2)[2]: round(v, 3) for k, v in last.items() if k.startswith("eval_delve/eval-saturation")},
     )
     print("written: runs/huggingface_callback.csv")
 

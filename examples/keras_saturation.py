@@ -9,7 +9,8 @@ Three delve callbacks go into ``model.fit``:
 * ``SaturationCallback`` tracks every training and validation batch and
   writes ``runs/keras_saturation.csv``, with the columns of a PyTorch run
   (``train-saturation_conv``, ``eval-saturation_hidden``...) plus Keras' loss
-  and accuracy;
+  and accuracy; the same values go into Keras' epoch logs, so the progress
+  line and the ``History`` that ``fit`` returns hold them too;
 * ``CustomTensorBoard`` writes the same saturations as TensorBoard scalars to
   ``runs/keras_saturation_tb`` (``tensorboard --logdir runs``).
 """
@@ -66,7 +67,7 @@ def main() -> None:
         SaturationCallback("runs/keras_saturation", save_to="csv", stats=["lsat", "idim"]),
         CustomTensorBoard(log_dir="runs/keras_saturation_tb", user_defined_freq=1),
     ]
-    model.fit(
+    history = model.fit(
         x_train,
         y_train,
         epochs=epochs,
@@ -76,6 +77,7 @@ def main() -> None:
         callbacks=callbacks,
     )
     print("saturation per layer, last epoch:", callbacks[0].saturations)
+    print("History, eval saturation of 'hidden' per epoch:", history.history["eval-saturation_hidden"])
     print("written: runs/keras_saturation.csv and runs/keras_saturation_tb/")
 
 

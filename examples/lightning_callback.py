@@ -5,9 +5,11 @@ on a few batches). A small CNN learns scikit-learn's 8x8 digits; the callback
 
 * writes ``runs/lightning_callback.csv``: one row per epoch with the training
   statistics (``train-saturation_conv1``...) and those of that epoch's validation
-  (``eval-saturation_conv1``...);
-* logs the same numbers to the trainer's loggers as ``delve/train-saturation_conv1``
-  ..., here Lightning's CSVLogger under ``runs/lightning_logs/``.
+  (``eval-saturation_conv1``...), written when the validation ends;
+* logs the same numbers as ``delve/train-saturation_conv1``... through
+  ``pl_module.log_dict``: into ``trainer.callback_metrics``, where the
+  ``ModelCheckpoint`` below picks the epoch with the most saturated ``fc1``, and
+  to the trainer's loggers, here Lightning's CSVLogger under ``runs/lightning_logs/``.
 
 Needs ``pip install delve[lightning] scikit-learn``.
 """
@@ -87,13 +89,15 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     train_loader, val_loader = digits_loaders()
     callback = SaturationCallback("runs/lightning_callback", stats=["lsat", "idim"])
+    best = pl.callbacks.ModelCheckpoint(
+        dirpath="runs/lightning_checkpoints", monitor="delve/eval-saturation_classifier-fc1", mode="max"
+    )
     trainer = pl.Trainer(
         max_epochs=2 if args.quick else args.epochs,
         limit_train_batches=4 if args.quick else 1.0,
         accelerator="cpu",
         logger=pl.loggers.CSVLogger("runs", name="lightning_logs"),
-        callbacks=[callback],
-        enable_checkpointing=False,
+        callbacks=[callback, best],
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -101,6 +105,7 @@ def main() -> None:
     trainer.fit(DigitsCNN(), train_loader, val_loader)
     saturation = {k: round(float(v), 3) for k, v in trainer.callback_metrics.items() if "saturation" in k}
     print("last epoch:", saturation)
+    print("most saturated fc1 (eval):", round(best.best_model_score.item(), 3), "in", best.best_model_path)
     print("written: runs/lightning_callback.csv and", trainer.logger.log_dir)
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import runpy
 import sys
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List
@@ -37,6 +38,7 @@ from delve import kerascallback as kc  # noqa: E402
 from delve import keras_layers as kl  # noqa: E402
 from delve.adapters import AdapterOptions  # noqa: E402
 from delve.writers.base import AbstractWriter  # noqa: E402
+from delve.writers.npy import load_npy_run  # noqa: E402
 from reference import idim, population_cov  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,10 +398,102 @@ def test_tracker_callback_freq_hooks_and_second_fit(tmp_path: Path) -> None:
         assert layer.training  # flags restored
 
     model.predict(x, verbose=0)  # nothing is recorded or written outside fit
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    with pytest.warns(UserWarning, match="delve continues the run of this callback's previous fit in .* at row 3"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])  # epochs 3 and 4 of the run
     frame = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
-    assert list(frame.index) == [0, 1, 2]  # the second fit continues the file
+    assert list(frame.index) == sorted(callback.history) == [0, 2, 4]
     assert frame.notna().all().all()
+
+
+def test_tracker_callback_rows_are_numbered_by_epoch_in_every_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """freq=2 over 5 epochs: the CSV index, TensorBoard steps, npy files and history all say 0, 2, 4."""
+    monkeypatch.setitem(writers.WRITERS, "tensorboard", f"{__name__}:RecordingWriter")
+    RecordingWriter.instances.clear()
+    x = low_rank_data(32, rank=3, dim=10, seed=15)
+    model = compile_model(dense_model(), learning_rate=0.0)
+    savefile = str(tmp_path / "every_other")
+    callback = kc.SaturationCallback(savefile, save_to=["csv", "tensorboard", "npy"], freq=2, log_metrics=False)
+    model.fit(x, np.zeros((32, 2), "float32"), epochs=5, verbose=0, callbacks=[callback])
+
+    outputs = forward_with(model, [layer.get_weights() for layer in model.layers], x)
+    frame = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
+    assert list(frame.index) == sorted(callback.history) == [0, 2, 4]
+    assert frame["train-saturation_dense_b"].tolist() == [reference_saturation(outputs["dense_b"])] * 3
+    (writer,) = RecordingWriter.instances
+    assert sorted({step for _, _, step in writer.values}) == [0, 2, 4]
+    _, values = load_npy_run(savefile)
+    assert sorted(values["train-saturation_dense_b"]) == [0, 2, 4]
+
+
+def test_tracker_callback_continues_over_fits_in_every_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fit() calls are one run: rows, TensorBoard steps and history go on; fit(initial_epoch=E) resumes at E."""
+    monkeypatch.setitem(writers.WRITERS, "tensorboard", f"{__name__}:RecordingWriter")
+    RecordingWriter.instances.clear()
+    x = low_rank_data(32, rank=3, dim=10, seed=16)
+    y = np.zeros((32, 2), "float32")
+    model = compile_model(dense_model())
+    savefile = str(tmp_path / "fits")
+    callback = kc.SaturationCallback(savefile, save_to=["csv", "tensorboard"], log_metrics=False, stats=["trc"])
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    first = dict(callback.history)
+    with pytest.warns(UserWarning, match="continues the run of this callback's previous fit .* at row 3"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    frame = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
+    assert list(frame.index) == sorted(callback.history) == [0, 1, 2, 3, 4]
+    assert all(callback.history[epoch] == first[epoch] for epoch in first)  # the first fit's values are kept
+    steps = [sorted({step for _, _, step in writer.values}) for writer in RecordingWriter.instances]
+    assert steps == [[0, 1, 2], [3, 4]]
+    np.testing.assert_allclose(frame.loc[3:, "train-covariance-trace_dense_a"],
+                               [callback.history[e]["train-covariance-trace_dense_a"] for e in (3, 4)])
+
+    # A model restored from epoch 2's checkpoint trains on with Keras' own epoch numbers: rows 2 on are replaced.
+    with pytest.warns(UserWarning, match="continues the run at fit's initial_epoch=2 .* at row 2"):
+        model.fit(x, y, initial_epoch=2, epochs=4, verbose=0, callbacks=[callback])
+    frame = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
+    assert list(frame.index) == [0, 1, 2, 3]
+    np.testing.assert_allclose(frame["train-covariance-trace_dense_a"],
+                               [callback.history[e]["train-covariance-trace_dense_a"] for e in range(4)])
+
+
+def test_tracker_callback_new_callback_is_a_new_run(tmp_path: Path) -> None:
+    x = low_rank_data(32, rank=3, dim=10, seed=17)
+    y = np.zeros((32, 2), "float32")
+    savefile = str(tmp_path / "twice")
+    model = compile_model(dense_model())
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[kc.SaturationCallback(savefile, log_metrics=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[kc.SaturationCallback(savefile, log_metrics=False)])
+    assert not [w for w in caught if "delve continues" in str(w.message)]
+    assert list(pd.read_csv(savefile + ".csv", sep=";", index_col=0).index) == [0, 1]
+    if hasattr(AbstractWriter, "previous_outputs"):  # the tracker's fresh-run rule: the earlier run moved aside
+        assert [w for w in caught if "fresh run" in str(w.message)]
+        backup = os.path.join(savefile + ".previous", "twice.csv")
+        assert list(pd.read_csv(backup, sep=";", index_col=0).index) == [0, 1, 2]
+
+
+def test_tracker_callback_values_reach_keras_logs_history_and_early_stopping(tmp_path: Path) -> None:
+    """The statistics are in the epoch's logs: History keeps them and EarlyStopping monitors them."""
+    x = low_rank_data(64, rank=3, dim=10, seed=18)
+    x_val = low_rank_data(32, rank=4, dim=10, seed=19)
+    y = np.zeros((64, 2), "float32")
+    model = compile_model(dense_model(), learning_rate=0.0)  # constant saturation: no improvement after epoch 0
+    savefile = str(tmp_path / "logs")
+    callback = kc.SaturationCallback(savefile, stats=["lsat", "trc"])
+    stopping = keras.callbacks.EarlyStopping(monitor="eval-saturation_dense_a", mode="max", patience=1)
+    fitted = model.fit(x, y, validation_data=(x_val, y[:32]), epochs=6, verbose=0, callbacks=[callback, stopping])
+
+    frame = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
+    assert list(frame.index) == [0, 1]  # stopped by EarlyStopping on delve's value, after patience 1
+    assert fitted.history["eval-saturation_dense_a"] == frame["eval-saturation_dense_a"].tolist() == [4 / 16] * 2
+    outputs = forward_with(model, [layer.get_weights() for layer in model.layers], x)
+    np.testing.assert_allclose(fitted.history["train-covariance-trace_dense_b"],
+                               [np.trace(population_cov(outputs["dense_b"]))] * 2, rtol=1e-5)
+    quiet = kc.SaturationCallback(str(tmp_path / "quiet"), log_to_trainer=False)
+    fitted = model.fit(x, y, epochs=1, verbose=0, callbacks=[quiet])
+    assert not any("saturation" in name for name in fitted.history)
 
 
 def test_tracker_callback_names_nested_layers() -> None:

@@ -17,10 +17,9 @@ Examples
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Optional
 
-from delve.integrations import TrackerDriver
+from delve.integrations import TrackerDriver, announce_continuation
 
 try:
     import lightning.pytorch as pl
@@ -42,16 +41,39 @@ class SaturationCallback(pl.Callback):
     The tracker starts when training starts, so the sanity-check validation is
     never recorded. Training batches feed its ``train`` statistics and
     validation batches its ``eval`` statistics (the tracker tells them apart by
-    ``module.training``). With ``every_n_steps=None`` it writes one row per epoch
-    at the end of the training epoch, which Lightning calls after that epoch's
-    validation, so the row holds both. With ``every_n_steps=n`` it writes a row
-    every ``n`` optimizer steps and one at the end of every validation. The
-    scalar statistics also go to the trainer's loggers through
-    ``pl_module.log_dict`` (and so into ``trainer.callback_metrics``, where
-    ``EarlyStopping`` or ``ModelCheckpoint`` can monitor them); rows written
-    every ``n`` steps are logged with ``on_step=True`` and so reach the loggers
-    at the pace of ``Trainer(log_every_n_steps=...)``. The tracker's hooks are
-    removed when ``fit`` ends or fails.
+    ``module.training``). Rows:
+
+    * ``every_n_steps=None``: one row per training epoch. When a validation
+      runs at the end of the epoch (the default), the row is written when that
+      validation ends and holds the epoch's training batches and the
+      validation's batches. A validation in the middle of an epoch
+      (``val_check_interval < 1``) gets a row of its own with only its
+      ``eval`` statistics; the epoch's training batches go on into the epoch's
+      row. An epoch without validation at its end gets its row at the end of
+      the training epoch.
+    * ``every_n_steps=n``: a row of training statistics every ``n`` optimizer
+      steps, a row of ``eval`` statistics at the end of every validation, and
+      a last row with the training steps after the last multiple of ``n`` when
+      training ends.
+
+    No row is written when nothing was recorded since the previous one. Rows
+    are numbered in the order they are written.
+
+    The scalar statistics also go to the trainer (``log_to_trainer``):
+
+    * rows written at the end of a validation or of a training epoch through
+      ``pl_module.log_dict(..., on_epoch=True)``: into
+      ``trainer.callback_metrics``, where ``EarlyStopping`` and
+      ``ModelCheckpoint`` can monitor them (also with ``val_check_interval <
+      1``, since every validation writes its row before those callbacks look),
+      and into ``trainer.loggers`` at the step Lightning logs that
+      validation's own values at;
+    * rows written every ``n`` steps (and the last one) straight to every
+      logger in ``trainer.loggers`` at ``trainer.global_step - 1``, the step
+      at which Lightning logs that batch's own values, once (not repeated at
+      later logging steps); they also update ``trainer.callback_metrics``.
+
+    The tracker's hooks are removed when ``fit`` ends or fails.
 
     Parameters
     ----------
@@ -64,27 +86,30 @@ class SaturationCallback(pl.Callback):
     log_to_trainer : bool
         Send the statistics to the trainer's loggers too.
     checkpoint_statistics : bool, optional
-        Store what the tracker has accumulated in the trainer's checkpoints, so
-        that a run resumed with ``ckpt_path`` goes on with the same statistics
-        (the rows of ``reset_covariance=False`` or of a checkpoint taken
-        mid-epoch come out as if the run had never stopped). Costs a float64
-        ``d x d`` matrix per tracked layer and mode in every checkpoint (150 MB
-        for two modes of a 3072-wide layer), so the default ``None`` stores them
-        only with ``reset_covariance=False``, where the statistics span the
-        whole run.
+        Store what the tracker has accumulated since the last row in the
+        trainer's checkpoints, so that a run resumed with ``ckpt_path`` goes on
+        with the same statistics (the rows of ``reset_covariance=False`` or of
+        a checkpoint taken mid-epoch come out as if the run had never stopped).
+        Costs a float64 ``d x d`` matrix per tracked layer and mode in every
+        checkpoint (150 MB for two modes of a 3072-wide layer), so the default
+        ``None`` stores them only with ``reset_covariance=False``, where the
+        statistics span the whole run.
     **options
         Keyword arguments of :class:`~delve.tracker.SaturationTracker`;
         ``save_to`` defaults to ``'csv'`` and ``modules`` to the LightningModule.
 
     Notes
     -----
-    A run resumed with ``ckpt_path`` continues the same CSV instead of
-    overwriting it: once per epoch, row ``k`` is epoch ``k`` (plus the tracker's
-    ``initial_epoch``); with ``every_n_steps``, the number of rows written is
-    part of the callback's ``state_dict`` in the checkpoint, and so (with
-    ``checkpoint_statistics``) is the tracker's
-    :meth:`~delve.tracker.SaturationTracker.state_dict`, loaded into the new
-    tracker when training starts again.
+    ``fit`` without ``ckpt_path`` starts a new run: the tracker's
+    ``initial_epoch`` is 0 (or the ``initial_epoch`` option), so an earlier run
+    in ``savefile`` (also one written by this same callback in another
+    ``Trainer``) is moved aside by the tracker, which says so. ``fit(...,
+    ckpt_path=...)`` continues the run of the checkpoint: the callback's
+    ``state_dict`` in the checkpoint holds the number of rows written, the
+    rows before it are kept and the callback says that it continues. A
+    checkpoint taken when a validation ends (``ModelCheckpoint`` with
+    ``val_check_interval < 1`` or ``save_on_train_epoch_end=False``) already
+    holds that validation's row.
     """
 
     def __init__(
@@ -104,7 +129,7 @@ class SaturationCallback(pl.Callback):
             checkpoint_statistics = options.get("reset_covariance") is False
         self.checkpoint_statistics = bool(checkpoint_statistics)
         self._last_row_step = -1
-        self._restored_tracker_state: Optional[Dict[str, Any]] = None
+        self._checkpoint_state: Optional[Dict[str, Any]] = None
 
     @property
     def tracker(self) -> Any:
@@ -116,54 +141,88 @@ class SaturationCallback(pl.Callback):
         return self._generate_state_key(savefile=self.savefile)
 
     # --------------------------------------------------------------- rows
-    def _write_row(self, pl_module: "pl.LightningModule", on_step: bool) -> None:
-        scalars = self.driver.write_row()
+    def _log_epoch_row(self, pl_module: "pl.LightningModule", scalars: Optional[Dict[str, float]]) -> None:
+        """Through Lightning's logging of validation and epoch values (callback_metrics and loggers)."""
         if self.log_to_trainer and scalars:
-            pl_module.log_dict(scalars, on_step=on_step, on_epoch=not on_step, batch_size=1)
+            pl_module.log_dict(scalars, on_step=False, on_epoch=True, batch_size=1)
+
+    def _log_step_row(
+        self, trainer: "pl.Trainer", pl_module: Optional["pl.LightningModule"], scalars: Optional[Dict[str, float]]
+    ) -> None:
+        """Straight to the loggers at the row's last step, and (inside a batch hook) into callback_metrics."""
+        if not self.log_to_trainer or not scalars:
+            return
+        if pl_module is not None:
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False, logger=False, batch_size=1)
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(scalars), step=max(trainer.global_step - 1, 0))
+
+    def _recording(self, trainer: "pl.Trainer") -> bool:
+        return self.driver.tracker is not None and not trainer.sanity_checking
 
     # -------------------------------------------------------------- hooks
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Start the tracker (after any checkpoint was restored and after the sanity check)."""
-        if self.driver.every_n_steps is None:
-            # One row per epoch: the row number follows the epoch, also when resuming mid-epoch.
-            self.driver.rows_written = self.driver.initial_epoch + trainer.current_epoch
-        tracker = self.driver.start(pl_module)
-        if self._restored_tracker_state is not None:
-            try:
-                tracker.load_state_dict(self._restored_tracker_state)
-            except ValueError as error:
-                warnings.warn(
-                    f"delve could not restore the statistics stored in the checkpoint ({error}); "
-                    "they start afresh",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            tracker.epoch = self.driver.rows_written
-            self._restored_tracker_state = None
+        """Start the tracker: a new run, or the run of the checkpoint ``fit`` resumes from."""
+        state, self._checkpoint_state = self._checkpoint_state, None
+        row = None if state is None else int(state["rows_written"])
+        if row is not None and row > self.driver.initial_epoch:
+            announce_continuation(self.savefile, row, "the run of the checkpoint")
+            self.driver.start(pl_module, continue_at=row)
+        else:  # a new run, or a checkpoint taken before its first row
+            self.driver.start(pl_module)
+        if state is not None and self.checkpoint_statistics:
+            self.driver.load_statistics(state)
         self._last_row_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """With ``every_n_steps``, write a row when the optimizer step count reaches a multiple of it."""
+        """Count the batch; with ``every_n_steps``, write a row when the optimizer step count reaches a multiple."""
+        if self.driver.tracker is None:
+            return
+        self.driver.note_batch("train")
         every = self.driver.every_n_steps
         step = trainer.global_step
         if every is not None and step != self._last_row_step and step % every == 0:
             self._last_row_step = step
-            self._write_row(pl_module, on_step=True)
+            self._log_step_row(trainer, pl_module, self.driver.write_row())
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Set the training batches aside unless this validation shares the epoch's row."""
+        if not self._recording(trainer):
+            return
+        epoch_ends = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self.driver.every_n_steps is not None or not epoch_ends:
+            self.driver.park_training()
+
+    def on_validation_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Count the validation batch."""
+        if self._recording(trainer):
+            self.driver.note_batch("eval")
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """With ``every_n_steps``, write the validation's row."""
-        if self.driver.every_n_steps is not None and not trainer.sanity_checking:
-            self._write_row(pl_module, on_step=False)
+        """Write this validation's row, before checkpoints and early stopping look at the metrics."""
+        if self._recording(trainer):
+            scalars = self.driver.write_row()
+            self.driver.restore_training()
+            self._log_epoch_row(pl_module, scalars)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Without ``every_n_steps``, write the epoch's row (training and its validation)."""
+        """Without ``every_n_steps``, write the epoch's row if no validation at its end did."""
         if self.driver.every_n_steps is None:
-            self._write_row(pl_module, on_step=False)
+            self._log_epoch_row(pl_module, self.driver.write_row())
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Remove the hooks and close the writers."""
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Write the steps after the last row, then remove the hooks and close the writers."""
+        self._log_step_row(trainer, None, self.driver.write_row())
         self.driver.close()
 
     def on_exception(
@@ -175,21 +234,16 @@ class SaturationCallback(pl.Callback):
     # --------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
         """Rows written so far and (with ``checkpoint_statistics``) the tracker's state, with a ``version`` key."""
-        state: Dict[str, Any] = {"version": _STATE_VERSION, "rows_written": self.driver.rows_written}
-        if self.checkpoint_statistics and self.driver.tracker is not None:
-            state["tracker"] = self.driver.tracker.state_dict()
-        return state
+        return {"version": _STATE_VERSION, **self.driver.state_dict(self.checkpoint_statistics)}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Continue at the row after the checkpoint's last one."""
+        """Keep the checkpoint's state for the run that ``fit`` resumes."""
         version = state_dict.get("version")
         if version != _STATE_VERSION:
             raise ValueError(
                 f"unsupported SaturationCallback state version {version!r}; this delve reads version {_STATE_VERSION}"
             )
-        self.driver.rows_written = int(state_dict["rows_written"])
-        if self.checkpoint_statistics:
-            self._restored_tracker_state = state_dict.get("tracker")
+        self._checkpoint_state = dict(state_dict)
 
 
 __all__ = ["SaturationCallback"]

@@ -6,7 +6,7 @@ import io
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def _parse(text: str) -> Any:
 class CSVWriter(AbstractWriter):
     """Write every scalar to ``<savepath>.csv``, one row per :meth:`save` (per epoch).
 
-    The first column is the epoch (an unnamed index); the other columns are the
+    The first column is the epoch (an unnamed index): the ``global_step`` the
+    tracker passes, so epochs left out (a callback's ``freq``) leave gaps, else
+    one more than the last saved row. The other columns are the
     logged names in the order they first appeared. Array values (``cov``,
     ``embed``) are left to the other writers. A row is appended in one write; a
     column that appears late makes the writer rewrite the file once, through an
@@ -92,7 +94,10 @@ class CSVWriter(AbstractWriter):
         self.columns = list(header)
         self._rewrite()
 
-    def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
+    def add_scalar(self, name: str, value: Any, global_step: Optional[int] = None, **kwargs: Any) -> None:
+        """Keep a scalar for the row of epoch ``global_step`` (default: the epoch after the last saved one)."""
+        if global_step is not None:
+            self.epoch = int(global_step)
         if not _is_scalar(value):
             return
         if name not in self.current and name not in self.columns:
@@ -101,7 +106,7 @@ class CSVWriter(AbstractWriter):
 
     def add_scalars(self, prefix: str, value_dict: Mapping[str, Any], **kwargs: Any) -> None:
         for name, value in value_dict.items():
-            self.add_scalar(prefix + name, value)
+            self.add_scalar(prefix + name, value, **kwargs)
 
     def _encode(self, rows: List[Tuple[int, Dict[str, Any]]], header: bool) -> bytes:
         buffer = io.StringIO()
