@@ -27,6 +27,7 @@ import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import torch
 from torch import nn
 
 from delve.tracker import SaturationTracker
@@ -85,6 +86,39 @@ def announce_continuation(savefile: str, row: int, reason: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+#: Keys under which a dict batch holds its labels, in the order they are looked for.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def batch_labels(batch: Any) -> Optional[torch.Tensor]:
+    """The class labels of a batch, for the class-conditional statistics, or ``None``.
+
+    A dict batch gives the first 1-D integer tensor under :data:`LABEL_KEYS`;
+    a tuple or list ``(inputs, labels, ...)`` its second element when that is
+    a 1-D integer tensor as long as the inputs' first dimension.
+
+    Examples
+    --------
+    >>> batch_labels((torch.zeros(3, 4), torch.tensor([0, 2, 1]))).tolist()
+    [0, 2, 1]
+    >>> batch_labels({"input_ids": torch.zeros(2, 5), "labels": torch.tensor([1, 0])}).tolist()
+    [1, 0]
+    >>> batch_labels(torch.zeros(3, 4)) is None
+    True
+    """
+
+    def is_labels(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
+
+    if isinstance(batch, dict):
+        return next((batch[key] for key in LABEL_KEYS if is_labels(batch.get(key))), None)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and is_labels(batch[1]):
+        inputs = batch[0]
+        if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and inputs.shape[0] == batch[1].shape[0]:
+            return batch[1]
+    return None
 
 
 class TrackerDriver:
@@ -256,4 +290,11 @@ class TrackerDriver:
             self.tracker = None
 
 
-__all__ = ["TRACKER_OPTIONS", "TrackerDriver", "announce_continuation", "scalar_results"]
+__all__ = [
+    "LABEL_KEYS",
+    "TRACKER_OPTIONS",
+    "TrackerDriver",
+    "announce_continuation",
+    "batch_labels",
+    "scalar_results",
+]

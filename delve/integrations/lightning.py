@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from delve.integrations import TrackerDriver, announce_continuation
+from delve.integrations import TrackerDriver, announce_continuation, batch_labels
 
 try:
     import lightning.pytorch as pl
@@ -173,6 +173,24 @@ class SaturationCallback(pl.Callback):
         if state is not None and self.checkpoint_statistics:
             self.driver.load_statistics(state)
         self._last_row_step = trainer.global_step
+
+    def _hand_over_labels(self, batch: Any) -> None:
+        """Give the tracker the batch's labels (for ``nc1`` / ``cdnv``), or forget the previous ones."""
+        tracker = self.driver.tracker
+        if tracker is not None and tracker.num_classes is not None:
+            tracker.set_labels(batch_labels(batch))
+
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        """Hand the batch's labels to the tracker before the forward pass."""
+        self._hand_over_labels(batch)
+
+    def on_validation_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Hand the batch's labels to the tracker before the forward pass."""
+        self._hand_over_labels(batch)
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
