@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ CLASS_STATISTICS = ("nc1", "cdnv")
 
 #: Names a statistic function's parameters may have, and so the inputs it can ask for.
 INPUTS = ("eigenvalues", "covariance", "mean", "count", "threshold", "eigenvectors", "samples", "classes")
+
+#: The inputs a saved covariance matrix (and a threshold) determines: the npy writer keeps no mean, count or rows.
+COVARIANCE_INPUTS = ("eigenvalues", "covariance", "threshold", "eigenvectors")
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ def statistic_keys() -> Tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def from_covariance(statistic: Statistic) -> bool:
+    """Whether ``statistic`` is a number that a covariance matrix determines (its inputs are :data:`COVARIANCE_INPUTS`)."""
+    return not statistic.array and set(statistic.inputs) <= set(COVARIANCE_INPUTS)
+
+
 class LayerInputs:
     """The inputs of one layer and mode, each computed on first use.
 
@@ -186,12 +194,12 @@ class LayerInputs:
     ----------
     covariance : torch.Tensor
         The float64 covariance.
-    mean : torch.Tensor
-        The float64 mean.
-    count : int
-        Number of samples.
-    threshold : float
-        ``sat_threshold``.
+    mean : torch.Tensor or None
+        The float64 mean (``None`` for a covariance read back from a file).
+    count : int or None
+        Number of samples (``None`` when unknown).
+    threshold : float or None
+        ``sat_threshold`` (``None`` when no statistic asks for it).
     samples : torch.Tensor, optional
         Rows kept for ``embed``.
     eigenvalues : torch.Tensor, optional
@@ -203,9 +211,9 @@ class LayerInputs:
     def __init__(
         self,
         covariance: torch.Tensor,
-        mean: torch.Tensor,
-        count: int,
-        threshold: float,
+        mean: Optional[torch.Tensor],
+        count: Optional[int],
+        threshold: Optional[float],
         samples: Optional[torch.Tensor] = None,
         eigenvalues: Optional[torch.Tensor] = None,
         classes: Optional[ClassMoments] = None,
@@ -277,11 +285,17 @@ def _samples(count: int) -> int:
     return count
 
 
+def _finite(eigenvalues: torch.Tensor) -> bool:
+    return bool(torch.isfinite(eigenvalues).all())
+
+
 def _saturation(eigenvalues: torch.Tensor, threshold: float) -> float:
-    return metrics.saturation_from_eigenvalues(eigenvalues, threshold)
+    return metrics.saturation_from_eigenvalues(eigenvalues, threshold) if _finite(eigenvalues) else math.nan
 
 
-def _intrinsic_dimensionality(eigenvalues: torch.Tensor, threshold: float) -> int:
+def _intrinsic_dimensionality(eigenvalues: torch.Tensor, threshold: float) -> Union[int, float]:
+    if not _finite(eigenvalues):
+        return math.nan
     return metrics.intrinsic_dimensionality_from_eigenvalues(eigenvalues, threshold)
 
 
@@ -315,6 +329,13 @@ _builtin("embed", _embedded_sample, array=True)
 _builtin("samples", _samples, empty=0)
 _builtin("nc1", _nc1)
 _builtin("cdnv", _cdnv)
+_builtin("erank", metrics.effective_rank)
+_builtin("rankme", metrics.rankme)
+_builtin("pr", metrics.participation_ratio)
+_builtin("srank", metrics.stable_rank)
+_builtin("cond", metrics.condition_number)
+_builtin("entropy", metrics.matrix_entropy)
+_builtin("alpha", metrics.power_law_exponent)
 _BUILTIN_KEYS = frozenset(_REGISTRY)
 
 
