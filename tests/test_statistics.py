@@ -25,7 +25,7 @@ from delve.writers.base import parse_stat_name
 from delve.writers.npy import load_npy_run
 from reference import Capture, population_cov
 from test_metrics import NUMPY_SPECTRAL
-from test_writers_common import read_event_scalars
+from test_writers_common import _writer_args, read_event_scalars, read_wandb_run
 
 SPECTRAL_KEYS = ["erank", "rankme", "pr", "srank", "cond", "entropy", "alpha"]
 NAMES = {"erank": "effective-rank", "rankme": "rankme", "pr": "participation-ratio", "srank": "stable-rank",
@@ -165,6 +165,32 @@ def test_every_writer_takes_the_spectral_statistics(tmp_path):
         assert f"{name}=" not in printed  # the console's status line holds user scalars only
     for key in SPECTRAL_KEYS:
         assert (tmp_path / "run" / f"run_{key}_train_epoch_0.png").is_file(), key
+
+
+@pytest.mark.parametrize("key", ["wandb", "mlflow"])
+def test_experiment_trackers_take_the_spectral_statistics(tmp_path, monkeypatch, key):
+    writer_args = _writer_args(key, tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12))
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to=key, modules=model, stats=SPECTRAL_KEYS,
+                                writer_args=writer_args)
+    for _ in range(3):
+        model(torch.randn(64, 10))
+    results = tracker.add_saturations()
+    tracker.close()
+    writer = tracker.writer
+    if key == "wandb":
+        (row,) = [row for row in read_wandb_run(writer.run).rows if "delve/epoch" in row]
+        logged = {name: row[f"{NAMES[parse_stat_name(name).stat]}/train/{parse_stat_name(name).layer}"]
+                  for name in results}
+    else:
+        logged = {name: writer.client.get_metric_history(writer.run_id, writer.metric_name(name))[0].value
+                  for name in results}
+    for name, value in results.items():
+        if math.isfinite(value):
+            assert logged[name] == pytest.approx(value, rel=1e-6), name
+        else:  # W&B keeps NaN and inf as such; MLflow stores inf as the largest float
+            assert not math.isfinite(logged[name]) or logged[name] > 1e300, name
 
 
 # ------------------------------------------------------------ register_statistic end to end
