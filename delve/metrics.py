@@ -44,8 +44,9 @@ SHARE_TOLERANCE = 1e-6
 #: statistics. The covariance of float32 activations (float32 GEMMs summed in float64)
 #: carries round-off of a few 1e-8 of its largest eigenvalue, as often negative as
 #: positive; 1e-6 stays well above it, so that directions the data never spanned count
-#: as absent (a rank-one layer has effective rank 1, not 1.003), while all the
-#: eigenvalues it leaves out weigh at most ``d * 1e-6`` of the largest one.
+#: as absent (a rank-one layer of 1024 float32 units has RankMe 1, not 1.16, and
+#: condition number inf, not 1e15), while all the eigenvalues it leaves out weigh at
+#: most ``d * 1e-6`` of the largest one.
 SPECTRUM_FLOOR = 1e-6
 
 
