@@ -201,7 +201,7 @@ def statistic_keys() -> Tuple[str, ...]:
 
 
 def from_covariance(statistic: Statistic) -> bool:
-    """Whether ``statistic`` is a number that a covariance matrix determines (its inputs are :data:`COVARIANCE_INPUTS`)."""
+    """Whether ``statistic`` is a number a covariance matrix determines: its inputs are :data:`COVARIANCE_INPUTS`."""
     return not statistic.array and set(statistic.inputs) <= set(COVARIANCE_INPUTS)
 
 

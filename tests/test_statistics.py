@@ -35,7 +35,7 @@ ALL_WRITERS = ["csv", "plot", "npy", "tensorboard", "print", "console"]
 
 
 def hadamard_columns(rows: int, columns: int) -> np.ndarray:
-    """``columns`` columns of a Sylvester Hadamard matrix other than the constant one: zero mean, orthogonal, variance 1."""
+    """``columns`` non-constant columns of a Sylvester Hadamard matrix: zero mean, orthogonal, variance 1."""
     matrix = np.ones((1, 1))
     while matrix.shape[0] < rows:
         matrix = np.block([[matrix, matrix], [matrix, -matrix]])
