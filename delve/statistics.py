@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ CLASS_STATISTICS = ("nc1", "cdnv")
 
 #: Names a statistic function's parameters may have, and so the inputs it can ask for.
 INPUTS = ("eigenvalues", "covariance", "mean", "count", "threshold", "eigenvectors", "samples", "classes")
+
+#: The inputs a saved covariance matrix (and a threshold) determines: the npy writer keeps no mean, count or rows.
+COVARIANCE_INPUTS = ("eigenvalues", "covariance", "threshold", "eigenvectors")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class Statistic:
 
 
 _REGISTRY: Dict[str, Statistic] = {}
+_KEY = re.compile(r"[a-z][a-z0-9]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 def _function_inputs(key: str, function: Callable[..., Any]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
@@ -107,17 +114,20 @@ def register_statistic(
 ) -> Statistic:
     """Make ``key`` a valid entry of ``stats`` for every tracker created afterwards.
 
+    Registering a key again replaces its statistic.
+
     Parameters
     ----------
     key : str
-        What users put in ``stats`` (letters, digits and ``.``; no ``_`` or
-        ``-``, which separate the parts of output names).
+        What users put in ``stats``: lowercase letters and digits, starting
+        with a letter (it also names the plot files).
     output_name : str
-        Name in the outputs, ``'{mode}-{output_name}_{layer}'`` (no ``_``).
+        Name in the outputs, ``'{mode}-{output_name}_{layer}'``: letters,
+        digits, ``-`` and ``.``, no ``_`` (which separates the layer).
     function : callable
         Takes the eigenvalues (as its first parameter) and, if its parameters
         are so named, any other of :data:`INPUTS`; returns a number (or an
-        array with ``array=True``).
+        array with ``array=True``). Parameters with other names need defaults.
     array : bool
         Whether the value is an array rather than a number.
     empty : float
@@ -131,8 +141,8 @@ def register_statistic(
     Raises
     ------
     ValueError
-        If the key or name holds a separator, is taken by a built-in statistic,
-        or the function asks for an input that does not exist.
+        If the key or name is malformed or taken by another statistic, the
+        function is not callable or asks for an input that does not exist.
 
     Examples
     --------
@@ -141,15 +151,26 @@ def register_statistic(
     ('eigenvalues',)
     >>> unregister_statistic("top")
     """
-    for label, text in (("key", key), ("output_name", output_name)):
-        if not isinstance(text, str) or not text or "_" in text or text in MODES:
-            raise ValueError(f"{label} must be a non-empty str without '_', got {text!r}")
-    if "-" in key:
-        raise ValueError(f"key must not contain '-', got {key!r}")
-    if key in _BUILTIN_KEYS or (output_name in STATMAP.values() and STATMAP.get(key) != output_name):
-        raise ValueError(f"statistic {key!r} / {output_name!r} is taken by a built-in statistic")
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or key in MODES:
+        raise ValueError(
+            f"key must be lowercase letters and digits starting with a letter (not 'train' or 'eval'), got {key!r}"
+        )
+    if not isinstance(output_name, str) or not _NAME.fullmatch(output_name) or output_name in MODES:
+        raise ValueError(
+            "output_name must be letters, digits, '-' and '.' (no '_', which separates the layer), "
+            f"got {output_name!r}"
+        )
+    if key in _BUILTIN_KEYS:
+        raise ValueError(f"key {key!r} is a built-in statistic; choose another key")
+    owner = next((other for other, name in STATMAP.items() if name == output_name and other != key), None)
+    if owner is not None:
+        raise ValueError(f"output_name {output_name!r} is the name of statistic {owner!r}; choose another name")
     if not callable(function):
         raise ValueError(f"function must be callable, got {function!r}")
+    if not isinstance(array, bool):
+        raise ValueError(f"array must be True or False, got {array!r}")
+    if isinstance(empty, bool) or not isinstance(empty, numbers.Real):
+        raise ValueError(f"empty must be a number (the value of a layer without samples), got {empty!r}")
     entry = Statistic(key, output_name, function, *_function_inputs(key, function), array, empty)
     _REGISTRY[key] = entry
     STATMAP[key] = output_name
@@ -179,6 +200,11 @@ def statistic_keys() -> Tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def from_covariance(statistic: Statistic) -> bool:
+    """Whether ``statistic`` is a number a covariance matrix determines: its inputs are :data:`COVARIANCE_INPUTS`."""
+    return not statistic.array and set(statistic.inputs) <= set(COVARIANCE_INPUTS)
+
+
 class LayerInputs:
     """The inputs of one layer and mode, each computed on first use.
 
@@ -186,12 +212,12 @@ class LayerInputs:
     ----------
     covariance : torch.Tensor
         The float64 covariance.
-    mean : torch.Tensor
-        The float64 mean.
-    count : int
-        Number of samples.
-    threshold : float
-        ``sat_threshold``.
+    mean : torch.Tensor or None
+        The float64 mean (``None`` for a covariance read back from a file).
+    count : int or None
+        Number of samples (``None`` when unknown).
+    threshold : float or None
+        ``sat_threshold`` (``None`` when no statistic asks for it).
     samples : torch.Tensor, optional
         Rows kept for ``embed``.
     eigenvalues : torch.Tensor, optional
@@ -203,9 +229,9 @@ class LayerInputs:
     def __init__(
         self,
         covariance: torch.Tensor,
-        mean: torch.Tensor,
-        count: int,
-        threshold: float,
+        mean: Optional[torch.Tensor],
+        count: Optional[int],
+        threshold: Optional[float],
         samples: Optional[torch.Tensor] = None,
         eigenvalues: Optional[torch.Tensor] = None,
         classes: Optional[ClassMoments] = None,
@@ -277,11 +303,17 @@ def _samples(count: int) -> int:
     return count
 
 
+def _finite(eigenvalues: torch.Tensor) -> bool:
+    return bool(torch.isfinite(eigenvalues).all())
+
+
 def _saturation(eigenvalues: torch.Tensor, threshold: float) -> float:
-    return metrics.saturation_from_eigenvalues(eigenvalues, threshold)
+    return metrics.saturation_from_eigenvalues(eigenvalues, threshold) if _finite(eigenvalues) else math.nan
 
 
-def _intrinsic_dimensionality(eigenvalues: torch.Tensor, threshold: float) -> int:
+def _intrinsic_dimensionality(eigenvalues: torch.Tensor, threshold: float) -> Union[int, float]:
+    if not _finite(eigenvalues):
+        return math.nan
     return metrics.intrinsic_dimensionality_from_eigenvalues(eigenvalues, threshold)
 
 
@@ -315,6 +347,13 @@ _builtin("embed", _embedded_sample, array=True)
 _builtin("samples", _samples, empty=0)
 _builtin("nc1", _nc1)
 _builtin("cdnv", _cdnv)
+_builtin("erank", metrics.effective_rank)
+_builtin("rankme", metrics.rankme)
+_builtin("pr", metrics.participation_ratio)
+_builtin("srank", metrics.stable_rank)
+_builtin("cond", metrics.condition_number)
+_builtin("entropy", metrics.matrix_entropy)
+_builtin("alpha", metrics.power_law_exponent)
 _BUILTIN_KEYS = frozenset(_REGISTRY)
 
 

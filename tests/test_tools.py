@@ -110,3 +110,68 @@ def test_bad_input(tmp_path):
     with pytest.warns(UserWarning, match="intrinsic-dimensionality"):
         table = reconstruct_csv_from_npy_data(str(tmp_path / "run"))
     assert table.to_dict("list") == {"train-saturation_fc": [0.5]}
+
+
+COVARIANCE_STATS = ["lsat", "idim", "det", "trc", "dtrc", "erank", "rankme", "pr", "srank", "cond", "entropy",
+                    "alpha"]
+
+
+def test_every_covariance_statistic_is_recomputed_as_the_tracker_computes_it(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 10))
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="npy", modules=model,
+                                stats=COVARIANCE_STATS + ["cov"], sat_threshold=0.95)
+    live = run_epochs(tracker, model, range(2), eval_epochs={1})
+    tracker.close()
+    table = reconstruct_csv_from_npy_data(str(tmp_path / "run"), thresh=0.95, stats=COVARIANCE_STATS)
+    for epoch, results in enumerate(live):
+        for name, value in results.items():
+            if np.ndim(value) == 0:
+                assert table.loc[epoch, name] == pytest.approx(value, rel=1e-9, nan_ok=True), (epoch, name)
+    cov = np.load(tmp_path / "run" / "train-covariance-matrix_2" / "train-covariance-matrix_2_epoch1.npy")
+    values = np.linalg.eigvalsh(cov)
+    shares = values / values.sum()
+    assert table.loc[1, "train-effective-rank_2"] == pytest.approx(np.exp(-np.sum(shares * np.log(shares))))
+    assert table.loc[1, "train-participation-ratio_2"] == pytest.approx(1 / np.sum(shares ** 2))
+    assert table.loc[1, "train-condition-number_2"] == pytest.approx(np.linalg.cond(cov), rel=1e-6)
+
+
+def test_without_thresh_only_missing_statistics_that_need_no_threshold_are_computed(tmp_path):
+    layer = _known_rank_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="npy", modules=layer, stats=["lsat", "cov"])
+    name = next(iter(tracker.layers))
+    layer(_known_spectrum_batch())
+    saved = tracker.add_saturations()
+    tracker.close()
+    with pytest.warns(UserWarning, match="'intrinsic-dimensionality'.*give thresh"):
+        table = reconstruct_csv_from_npy_data(str(tmp_path / "run"), stats=["lsat", "idim", "srank", "erank"])
+    assert list(table.columns) == [f"train-saturation_{name}", f"train-stable-rank_{name}",
+                                   f"train-effective-rank_{name}"]
+    assert table.loc[0, f"train-saturation_{name}"] == saved[f"train-saturation_{name}"]
+    shares = np.array([4.0, 2.0, 1.0]) / 7.0  # eigenvalues 4, 2, 1 by construction
+    assert table.loc[0, f"train-stable-rank_{name}"] == pytest.approx(7 / 4, rel=1e-6)
+    assert table.loc[0, f"train-effective-rank_{name}"] == pytest.approx(np.exp(-np.sum(shares * np.log(shares))),
+                                                                         rel=1e-6)
+
+
+def test_nan_covariance_gives_nan_not_a_crash(tmp_path):
+    writer = NPYWriter(str(tmp_path / "run"))
+    cov = np.eye(3)
+    cov[1, 2] = cov[2, 1] = np.nan
+    writer.add_scalar("train-covariance-matrix_fc", cov, global_step=0)
+    writer.save()
+    table = reconstruct_csv_from_npy_data(str(tmp_path / "run"), thresh=0.9, stats=COVARIANCE_STATS)
+    assert table.shape == (1, len(COVARIANCE_STATS))
+    assert table.pop("train-covariance-trace_fc").tolist() == [3.0]  # the diagonal is finite
+    assert table.isna().all(axis=None)
+
+
+@pytest.mark.parametrize("stat, match", [
+    ("embed", "needs the samples and mean"),
+    ("samples", "needs the count"),
+    ("cov", "it is an array"),
+    ("erank_eval", "not a statistic; choose from 'lsat', 'idim'"),
+])
+def test_statistics_a_covariance_does_not_determine_are_refused(tmp_path, stat, match):
+    with pytest.raises(ValueError, match=match):
+        reconstruct_csv_from_npy_data(str(tmp_path / "missing"), stats=[stat])

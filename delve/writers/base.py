@@ -24,13 +24,18 @@ STATMAP: Dict[str, str] = {
     "samples": "samples",
     "nc1": "nc1",
     "cdnv": "class-distance-normalized-variance",
+    "erank": "effective-rank",
+    "rankme": "rankme",
+    "pr": "participation-ratio",
+    "srank": "stable-rank",
+    "cond": "condition-number",
+    "entropy": "matrix-entropy",
+    "alpha": "power-law-alpha",
 }
-"""Statistic keys and the names they carry in every output."""
+"""Statistic keys and the names they carry in every output (statistics registered later are added)."""
 
 MODES = ("train", "eval")
 """The modes a statistic is recorded in, decided by the layer's ``training`` flag."""
-
-_KEY_OF_NAME = {name: key for key, name in STATMAP.items()}
 
 
 class StatName(NamedTuple):
@@ -64,9 +69,10 @@ def parse_stat_name(name: str) -> Optional[StatName]:
     """
     head, sep, layer = name.partition("_")
     mode, dash, stat_name = head.partition("-")
-    if not sep or not dash or not layer or mode not in MODES or stat_name not in _KEY_OF_NAME:
+    key = next((key for key, known in STATMAP.items() if known == stat_name), None)
+    if not sep or not dash or not layer or mode not in MODES or key is None:
         return None
-    return StatName(mode, _KEY_OF_NAME[stat_name], layer)
+    return StatName(mode, key, layer)
 
 
 class AbstractWriter(ABC):
