@@ -55,8 +55,8 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_page_is_built(html: Path) -> None:
-    for page in ("index", "installation", "saturation", "user_guide", "output_formats", "migration",
-                 "examples", "api", "history"):
+    for page in ("index", "installation", "saturation", "user_guide", "transformers", "integrations", "writers",
+                 "statistics", "output_formats", "migration", "examples", "api", "history"):
         assert (html / f"{page}.html").is_file(), page
 
 

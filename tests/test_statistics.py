@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from collections import OrderedDict
 
 import numpy as np
@@ -161,30 +160,14 @@ def test_every_writer_takes_the_spectral_statistics(tmp_path):
         assert from_csv.loc[0, name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
         assert float(npy[name][0]) == pytest.approx(value, rel=1e-12, nan_ok=True), name
         head, layer = name.split("_", 1)
-        assert tags[f"{head}/{layer}"][0][1] == pytest.approx(value, rel=1e-6, nan_ok=True), name
+        if math.isfinite(value):
+            assert tags[f"{head}/{layer}"][0][1] == pytest.approx(value, rel=1e-6), name
+        else:  # TensorBoard cannot chart NaN or an infinite condition number
+            assert f"{head}/{layer}" not in tags, name
         assert f"{name}: " in printed
         assert f"{name}=" not in printed  # the console's status line holds user scalars only
     for key in SPECTRAL_KEYS:
         assert (tmp_path / "run" / f"run_{key}_train_epoch_0.png").is_file(), key
-
-
-def finished_wandb_run(run, timeout_s: float = 60.0):
-    """``read_wandb_run`` once the offline log holds the run's ``exit`` record.
-
-    ``run.finish()`` returns before W&B's service has written the log: read at
-    once, it often holds only its 7-byte header.
-    """
-    from google.protobuf.message import DecodeError
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            read = read_wandb_run(run)
-        except (AssertionError, DecodeError):  # a log still being written
-            read = None
-        if read is not None and "exit" in read.kinds or time.monotonic() > deadline:
-            return read
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("key", ["wandb", "mlflow"])
@@ -200,7 +183,7 @@ def test_experiment_trackers_take_the_spectral_statistics(tmp_path, monkeypatch,
     tracker.close()
     writer = tracker.writer
     if key == "wandb":
-        (row,) = [row for row in finished_wandb_run(writer.run).rows if "delve/epoch" in row]
+        (row,) = [row for row in read_wandb_run(writer.run).rows if "delve/epoch" in row]
         logged = {name: row[f"{NAMES[parse_stat_name(name).stat]}/train/{parse_stat_name(name).layer}"]
                   for name in results}
     else:

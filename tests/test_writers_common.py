@@ -17,6 +17,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -155,8 +156,12 @@ def _wandb_records(run: Any) -> List[Any]:
     return records
 
 
-def read_wandb_run(run: Any) -> SimpleNamespace:
-    """What an offline W&B run recorded, from its local files.
+def read_wandb_run(run: Any, timeout_s: float = 60.0) -> SimpleNamespace:
+    """What a finished offline W&B run recorded, from its local files.
+
+    ``run.finish()`` returns before W&B's service has written the log (read at
+    once, it often holds only its 7-byte header), so this waits until the log
+    holds the run's ``exit`` record.
 
     Returns
     -------
@@ -165,6 +170,20 @@ def read_wandb_run(run: Any) -> SimpleNamespace:
         dicts); ``metrics``: metric definitions by name; ``config``: config
         updates by key path (a tuple); ``kinds``: the record types in order.
     """
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            read = _read_wandb_log(run)
+        except (AssertionError, DecodeError):  # a log still being written
+            read = None
+        if read is not None and "exit" in read.kinds or time.monotonic() > deadline:
+            return read
+        time.sleep(0.1)
+
+
+def _read_wandb_log(run: Any) -> SimpleNamespace:
     read = SimpleNamespace(rows=[], metrics={}, config={}, kinds=[])
     for record in _wandb_records(run):
         kind = record.WhichOneof("record_type")

@@ -6,10 +6,13 @@ name ``train-saturation_features-0`` becomes the tag
 (``average-train-sat``) keep their names. A covariance matrix (statistic
 ``cov``) is written as the histogram of its eigenvalues under
 ``train-covariance-eigenvalues/<layer>``; the embedded samples of ``embed``
-are left to the plot and npy writers.
+are left to the plot and npy writers, and so are values that are not finite
+(NaN for a layer without data in a mode, an infinite condition number), which
+TensorBoard cannot chart.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import time
@@ -17,6 +20,7 @@ from typing import Any, List, Mapping, Optional
 
 import numpy as np
 
+from delve.writers._experiment import covariance_spectrum
 from delve.writers.base import AbstractWriter, parse_stat_name
 
 
@@ -126,12 +130,14 @@ class TensorBoardWriter(AbstractWriter):
         if parsed is not None and parsed.stat == "embed":
             return
         if parsed is not None and parsed.stat == "cov":
-            spectrum = np.clip(np.linalg.eigvalsh(np.asarray(value, dtype=np.float64)), 0.0, None)
-            self.writer.add_histogram(tensorboard_tag(name), spectrum, global_step=step)
+            self.writer.add_histogram(tensorboard_tag(name), covariance_spectrum(value), global_step=step)
         elif isinstance(value, str):
             self.writer.add_text(name, value, global_step=step)
         elif isinstance(value, (numbers.Number, np.generic)) or np.ndim(value) == 0:
-            self.writer.add_scalar(tensorboard_tag(name), float(value), global_step=step)
+            # NaN (a layer without data in a mode) and infinities (a singular covariance's condition number)
+            # cannot be charted; tensorboardX would warn about each.
+            if math.isfinite(float(value)):
+                self.writer.add_scalar(tensorboard_tag(name), float(value), global_step=step)
         else:
             self.writer.add_histogram(tensorboard_tag(name), np.asarray(value, dtype=np.float64), global_step=step)
 
