@@ -390,6 +390,12 @@ class HookHandle:
         self.recorders.append(recorder)
         if not _GLOBAL_HANDLE:
             _GLOBAL_HANDLE.append(module_hooks.register_module_forward_hook(_dispatch))
+        # torch.compile(module) warns at every call while any global hook exists, because global hooks
+        # also fire for the OptimizedModule wrapper. delve's hook ignores that wrapper (it is no tracked
+        # module), so the warning says nothing about delve's numbers. (An identical filter is replaced.)
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks", category=UserWarning
+        )
 
     def discard(self, recorder: LayerRecorder) -> None:
         """Detach one recorder (nothing if it is not attached)."""

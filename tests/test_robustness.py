@@ -402,3 +402,19 @@ def test_0150_module_paths_and_writer_classes(tmp_path):
     parameters = inspect.signature(delve.CheckLayerSat).parameters
     assert list(parameters)[:3] == ["savefile", "save_to", "modules"]
     assert pathlib.Path(delve.__file__).exists()
+
+
+def test_torch_compile_of_a_tracked_model_records_without_warnings(tmp_path):
+    model = _mlp()
+    capture = Capture(model[0])
+    tracker = SaturationTracker(str(tmp_path / "run"), "csv", model, stats=["trc", "samples"])
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        for _ in range(2):
+            compiled(torch.randn(8, 4))
+    assert not [w for w in caught if "global hooks" in str(w.message)]
+    results = tracker.add_saturations()
+    assert results["train-samples_0"] == 16
+    assert results["train-covariance-trace_0"] == pytest.approx(_trace(capture.outputs), rel=1e-6)
+    tracker.close()
+
