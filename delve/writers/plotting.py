@@ -51,7 +51,7 @@ def new_figure(width: float, height: float, layout: Optional[str] = None) -> Any
 def png_bytes(figure: Any) -> bytes:
     """``figure`` as PNG bytes, cut to its content."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
@@ -142,53 +142,157 @@ def draw_profile(
     return ax
 
 
+def draw_profiles(
+    ax: Any,
+    labels: Sequence[str],
+    values: Mapping[str, Sequence[float]],
+    stat: str,
+    title: str,
+    *,
+    fontsize: float = 12,
+    ylim: Optional[Tuple[float, float]] = (0.0, 1.0),
+) -> Any:
+    """Draw one statistic per layer for several modes (``{'train': values, 'eval': values}``) on one axes.
+
+    Each mode gets its colour (:data:`MODE_COLORS`) and a legend entry; with a
+    single mode a dashed line marks the mean over layers of saturation.
+    """
+    modes = list(values)
+    for index, mode in enumerate(modes):
+        numbers = np.asarray(values[mode], dtype=np.float64)
+        if index == 0:
+            draw_profile(ax, labels, numbers, stat, title, fontsize=fontsize, ylim=ylim,
+                         color_line=MODE_COLORS.get(mode), mean_line=len(modes) == 1 and stat == "lsat"
+                         and len(labels) > 1)
+        else:
+            positions = np.arange(len(labels))
+            ax.plot(positions, numbers, alpha=0.6, color=MODE_COLORS.get(mode), linewidth=1.8, zorder=2, label=mode)
+            ax.scatter(positions, numbers, color=MODE_COLORS.get(mode), s=36, zorder=3, clip_on=False,
+                       marker="s")
+            if ylim is None:
+                finite = np.concatenate([np.asarray(v, dtype=np.float64) for v in values.values()])
+                finite = finite[np.isfinite(finite)]
+                if len(finite) and finite.min() >= 0:
+                    ax.set_ylim(0, max(float(finite.max()) * 1.08, 1e-12))
+    if all(_is_integral(np.asarray(v, dtype=np.float64)) for v in values.values()):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(modes) > 1:
+        ax.lines[0].set_label(modes[0])
+        ax.legend(loc="best", fontsize=fontsize * 0.75, framealpha=0.8)
+    return ax
+
+
+def _is_integral(values: np.ndarray) -> bool:
+    finite = values[np.isfinite(values)]
+    return bool(len(finite)) and bool(np.all(finite == np.round(finite)))
+
+
 def draw_evolution(
     figure: Any,
     layers: Sequence[str],
     epochs: Sequence[int],
-    matrix: np.ndarray,
+    matrices: Mapping[str, np.ndarray],
     stat: str,
     title: str,
+    widths: Optional[Sequence[float]] = None,
     fontsize: float = 12,
-) -> Any:
-    """Draw a layers-by-epochs heatmap of one statistic on ``figure`` and return its axes."""
+) -> List[Any]:
+    """Layers-by-epochs heatmaps of one statistic, one panel per mode, all on one colour scale.
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+        Where to draw (best with ``layout='constrained'``).
+    layers : list of str
+        Row labels, in forward order.
+    epochs : list of int
+        Column labels.
+    matrices : dict of str to numpy.ndarray
+        ``{mode: (layers, epochs) array}``; NaN cells (a mode that did not run) are grey.
+    stat : str
+        Statistic key: ``'lsat'`` is drawn on 0..1; ``'idim'`` relative to each
+        layer's width when ``widths`` are given (the colour is the share of the
+        width, the numbers are dimensions), else on one absolute scale.
+    title : str
+        Title above the panels.
+    widths : list of float, optional
+        Width of each layer, for ``idim``.
+    fontsize : float
+        Size of axis labels.
+
+    Returns
+    -------
+    list of matplotlib.axes.Axes
+        One per mode, in the order of ``matrices``.
+    """
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
-    ax = figure.add_subplot(1, 1, 1)
-    data = np.ma.masked_invalid(np.asarray(matrix, dtype=np.float64))
+    data = {mode: np.ma.masked_invalid(np.asarray(m, dtype=np.float64).reshape(len(layers), len(epochs)))
+            for mode, m in matrices.items()}
+    relative = stat == "idim" and widths is not None and np.all(np.isfinite(np.asarray(widths, dtype=float)))
+    if stat == "lsat":
+        colour, bounds, label = dict(data), (0.0, 1.0), stat_label(stat)
+    elif relative:
+        scale = np.asarray(widths, dtype=np.float64)[:, None]
+        colour, bounds = {mode: m / scale for mode, m in data.items()}, (0.0, 1.0)
+        label = "share of the layer's width"
+    else:
+        everything = np.ma.concatenate([m.ravel() for m in data.values()])
+        high = float(everything.max()) if everything.count() else 1.0
+        low = min(0.0, float(everything.min())) if everything.count() else 0.0
+        colour, bounds, label = dict(data), (low, high if high > low else low + 1.0), stat_label(stat)
+    integral = all(_is_integral(np.ma.filled(m, np.nan)) for m in data.values())
     cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
-    bounds = (0.0, 1.0) if stat == "lsat" else (None, None)
-    image = ax.imshow(
-        data, aspect="auto", cmap=cmap, vmin=bounds[0], vmax=bounds[1], interpolation="nearest", origin="upper"
-    )
-    colorbar = figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    colorbar.set_label(stat_label(stat), fontsize=fontsize)
-    ax.set_yticks(np.arange(len(layers)))
-    ax.set_yticklabels(layers, fontsize=_tick_fontsize(len(layers), fontsize))
-    step = max(1, math.ceil(len(epochs) / 20))
+    axes = figure.subplots(1, len(data), sharey=True, squeeze=False)[0]
+    row_labels = [f"{layer} ({width:g})" for layer, width in zip(layers, widths)] if relative else list(layers)
+    step = max(1, math.ceil(len(epochs) / (20 if len(data) == 1 else 10)))
     ticks = np.arange(0, len(epochs), step)
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(epochs[i]) for i in ticks], fontsize=fontsize * 0.8)
-    ax.set_xlabel("epoch", fontsize=fontsize)
-    ax.set_ylabel("layer (forward order)", fontsize=fontsize)
-    ax.set_title(title, fontsize=fontsize * 1.1)
-    if len(epochs) <= 12 and len(layers) <= 30:
-        low, high = (0.0, 1.0) if stat == "lsat" else (float(data.min()), float(data.max()))
-        for row in range(data.shape[0]):
-            for column in range(data.shape[1]):
-                value = data[row, column]
-                if value is np.ma.masked:
-                    continue
-                share = 0.5 if high <= low else (value - low) / (high - low)
-                text = f"{value:.2f}" if stat == "lsat" else f"{value:.3g}"
-                ax.text(column, row, text, ha="center", va="center", fontsize=fontsize * 0.65,
-                        color="black" if share > 0.6 else "white")
-    return ax
+    image = None
+    for ax, mode in zip(axes, data):
+        image = ax.imshow(colour[mode], aspect="auto", cmap=cmap, vmin=bounds[0], vmax=bounds[1],
+                          interpolation="nearest", origin="upper")
+        ax.set_title(mode, fontsize=fontsize, color=MODE_COLORS.get(mode, "black"))
+        ax.set_yticks(np.arange(len(layers)))
+        ax.set_yticklabels(row_labels, fontsize=_tick_fontsize(len(layers), fontsize))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(epochs[i]) for i in ticks], fontsize=fontsize * 0.8)
+        ax.set_xlabel("epoch", fontsize=fontsize)
+        if len(epochs) * len(data) <= 24 and len(layers) <= 30:
+            _annotate(ax, data[mode], colour[mode], bounds, integral, fontsize)
+    axes[0].set_ylabel("layer (forward order)", fontsize=fontsize)
+    colorbar = figure.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02)
+    colorbar.set_label(label, fontsize=fontsize * 0.9)
+    if integral and not relative and stat != "lsat":
+        colorbar.locator = MaxNLocator(integer=True)
+        colorbar.update_ticks()
+    if relative:
+        title += "\ncolour: share of each layer's width (in brackets); numbers: dimensions"
+    figure.suptitle(title, fontsize=fontsize * 1.1)
+    return list(axes)
 
 
-def evolution_size(layers: Sequence[str], epochs: Sequence[int]) -> Tuple[float, float]:
-    """Figure size of a heatmap: taller with more layers, wider with more epochs."""
-    return min(max(6.4, 0.3 * len(epochs) + 4.5), 16.0), min(max(3.2, 0.32 * len(layers) + 1.6), 40.0)
+def _annotate(ax: Any, values: np.ndarray, colour: np.ndarray, bounds: Tuple[float, float], integral: bool,
+              fontsize: float) -> None:
+    low, high = bounds
+    for row in range(values.shape[0]):
+        for column in range(values.shape[1]):
+            if values[row, column] is np.ma.masked:
+                continue
+            value = float(values[row, column])
+            share = 0.5 if high <= low else (float(colour[row, column]) - low) / (high - low)
+            text = f"{value:.0f}" if integral else f"{value:.2f}" if abs(value) < 10 else f"{value:.3g}"
+            ax.text(column, row, text, ha="center", va="center", fontsize=fontsize * 0.62,
+                    color="black" if share > 0.6 else "white")
+
+
+def evolution_size(layers: Sequence[str], epochs: Sequence[int], panels: int = 1) -> Tuple[float, float]:
+    """Figure size of ``panels`` heatmaps side by side: taller with more layers, wider with more epochs."""
+    label = 0.07 * max((len(layer) for layer in layers), default=0)
+    width = min(max(4.0, 0.3 * len(epochs) + 1.8), 9.0) * panels + 1.5 + label
+    return min(width, 20.0), min(max(3.2, 0.32 * len(layers) + 1.6), 40.0)
 
 
 def wrap_name(name: str, width: int) -> str:
