@@ -259,9 +259,10 @@ def _collapse(run: _Run) -> Tuple[List[Finding], Optional[str]]:
     share = f" of its {feeding.width}" if feeding.width else ""
     return [Finding(
         "collapse-before-classifier", "ok", (feeding.name,),
-        f"{_subject([feeding.name])}, the last before the {classes}-way classifier `{classifier.name}`, uses "
-        f"{feeding.idim:g}{share} dimensions, close to the classes - 1 = {classes - 1} that trained networks "
-        "collapse their last features to. Its low saturation is expected, not wasted width: keep it.",
+        f"{_subject([feeding.name])} comes last before the classifier `{classifier.name}` ({classes} classes) and "
+        f"uses {feeding.idim:g}{share} dimensions: trained networks compress the features before the classifier "
+        f"toward {classes - 1} dimensions, one fewer than the classes, which is all it takes to separate them. Its "
+        "low saturation is expected, not wasted width: keep it.",
         evidence,
     )], feeding.name
 
@@ -518,7 +519,7 @@ def diagnose_run(run: Any, model: Any = None, input_size: Any = None, probes: An
     skip = few + ([collapsed] if collapsed else [])
     findings = (_few_samples(state) + _tail(state, skip) + _too_wide(state, skip) + _roles(state, skip)
                 + _too_narrow(state, skip) + _gap(state) + collapse + _unknown_samples(state))
-    return sorted(findings, key=lambda finding: _ORDER[finding.severity])
+    return sorted(findings, key=lambda finding: (finding.kind == "samples-unknown", _ORDER[finding.severity]))
 
 
 # ------------------------------------------------------------------------- text

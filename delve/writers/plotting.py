@@ -23,7 +23,7 @@ from delve.writers._files import atomic_write_bytes
 from delve.writers.base import STATMAP, parse_stat_name
 
 #: Colour of each mode in every figure.
-MODE_COLORS = {"train": "#1f77b4", "eval": "#d62728"}
+MODE_COLORS = {"train": "#1f77b4", "eval": "#2ca02c"}
 _AXIS_LABELS = {
     "lsat": "saturation",
     "idim": "intrinsic dimensionality",
