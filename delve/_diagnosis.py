@@ -529,8 +529,8 @@ def _size(size: Optional[Sequence[int]]) -> str:
 
 def _span(names: Sequence[str]) -> str:
     quoted = [f"`{n}`" for n in names]
-    if len(quoted) <= 2:
-        return " and ".join(quoted)
+    if len(quoted) <= 3:
+        return " and ".join(filter(None, (", ".join(quoted[:-1]), quoted[-1])))
     return f"{quoted[0]} … {quoted[-1]} ({len(quoted)} layers)"
 
 

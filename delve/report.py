@@ -260,6 +260,9 @@ def _number(value: Any) -> str:
 
 
 def _value_text(value: Any) -> str:
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and set(v) == {"input", "output"}
+                                                 for v in value.values()):
+        return "; ".join(f"{k} {_number(v['input'])} → {_number(v['output'])} px" for k, v in value.items())
     if isinstance(value, dict):
         return "; ".join(f"{k}: {_value_text(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
