@@ -336,6 +336,7 @@ class Row:
     change: Optional[float] = None
     spread: Optional[float] = None
     seconds: float = 0.0
+    seeds: List[float] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -388,6 +389,7 @@ def run_case(case: Case, seeds: Sequence[int], epochs: int, limit: int, folder: 
         rows.append(Row(case.name, _mean(before), f"no warn ({summary or 'no finding'})"))
     for row in rows:
         row.seconds = time.perf_counter() - started
+        row.seeds = [round(100 * value, 1) for value in before]
     return rows, findings
 
 
@@ -420,7 +422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
             case_rows, findings = run_case(case, seeds, epochs, 128 if args.quick else 0, folder,
                                            probe_epochs=1 if args.quick else 5)
             rows += case_rows
-            print(f"{name}: {case_rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+            print(f"{name}: {case_rows[-1].seconds:.0f} s, accuracy per seed {case_rows[-1].seeds}", file=sys.stderr,
+                  flush=True)
             if args.findings:
                 for finding in findings:
                     print(f"  [{finding.severity}] {finding.kind}: {finding.message}", file=sys.stderr)
