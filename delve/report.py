@@ -23,6 +23,8 @@ import html
 import math
 import os
 import re
+import shutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,14 +32,12 @@ import numpy as np
 import pandas as pd
 
 from delve import _diagnosis
-from delve._diagnosis import PROBES_FILE, RF_FILE
+from delve._diagnosis import PROBES_FILE, RF_FILE  # noqa: F401  (the file names report() looks for)
 from delve.analysis import (
     IDIM, MODES, SAMPLES, SATURATION, Finding, available_modes, csv_path, diagnose, last_epoch, layer_table, load_run,
     statistic_table,
 )
 from delve.writers.plotting import MODE_COLORS
-
-__all__ = ["PROBES_FILE", "RF_FILE", "render_html", "report"]
 
 _STAT_PREFIXES = tuple(f"{mode}-" for mode in MODES) + ("average-",)
 _TAIL_COLOR = "#d62728"
@@ -252,6 +252,8 @@ def _code(text: str) -> str:
 def _number(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "?"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
     if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
         return f"{value:.0f}"
     if isinstance(value, float):
@@ -335,6 +337,54 @@ def _layer_table(ctx: _Context) -> str:
         rows.append(f"<tr{' class=flag' if tags else ''}>{''.join(cells)}</tr>")
     head = "".join(f"<th>{h}</th>" for h in header)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _layer_plain(name: str, numbers: dict) -> str:
+    """``conv1  width 16 | train: sat. 0.438, idim 7, samples ? | eval: ...``; a label and its number never
+    part at a line break (a no-break space joins them)."""
+    parts = [f"width\u00a0{_number(numbers.get('width'))}"] + (
+        [numbers["kind"]] if numbers.get("kind") not in (None, "unknown") else [])
+    for mode in MODES:
+        if f"{mode}-{SATURATION}" in numbers:
+            parts.append(f"{mode}: sat.\u00a0{_number(numbers[f'{mode}-{SATURATION}'])}, "
+                         f"idim\u00a0{_number(numbers.get(f'{mode}-{IDIM}'))}, "
+                         f"samples\u00a0{_number(numbers.get(f'{mode}-{SAMPLES}'))}")
+    return f"{name}  " + " | ".join(parts)
+
+
+def format_findings(findings: Sequence[Finding], width: Optional[int] = None) -> str:
+    """The findings as plain text for a terminal: severity and kind, the message, then its evidence.
+
+    Parameters
+    ----------
+    findings : list of Finding
+        What :func:`delve.analysis.diagnose` returns.
+    width : int, optional
+        Line width; default: the terminal's (at most 100 columns).
+
+    Returns
+    -------
+    str
+    """
+    width = width or min(shutil.get_terminal_size((100, 20)).columns, 100)
+    labels = {"warn": "WARN", "info": "INFO", "ok": "OK"}
+    indent = " " * 6
+    blocks = []
+    for finding in findings:
+        head = f"{labels[finding.severity]:<5} {finding.kind}"
+        head += f": {', '.join(finding.layers)}" if finding.layers else ""
+        lines = [head if len(head) <= width else head[: width - 2] + " …"]
+        lines += textwrap.wrap(finding.message, width, initial_indent=indent, subsequent_indent=indent,
+                               break_on_hyphens=False)
+        extra = {k: v for k, v in finding.evidence.items() if k not in ("layers", "mode")}
+        if extra:
+            lines += textwrap.wrap("evidence: " + _value_text(extra), width, initial_indent=indent,
+                                   subsequent_indent=indent + "  ", break_on_hyphens=False)
+        for name, numbers in finding.evidence.get("layers", {}).items():
+            lines += textwrap.wrap(_layer_plain(name, numbers), width, initial_indent=indent + "  ",
+                                   subsequent_indent=indent + "    ", break_on_hyphens=False)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "no findings"
 
 
 _CSS = """

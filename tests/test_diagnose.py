@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from delve import SaturationTracker
-from delve.__main__ import format_findings, main
+from delve.__main__ import main
 from delve.analysis import Finding, diagnose, layer_table
+from delve.report import format_findings
 from delve.probes import ProbeResult
 from delve.receptive_field import save_receptive_fields
 
@@ -260,7 +261,7 @@ def test_command_line_diagnose_text_json_and_trailing_separator(tmp_path, capsys
     assert main(["diagnose", str(tmp_path / "run") + "/"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("OK    collapse-before-classifier: fc1\n")
-    assert "fc1  width 64 | train: sat. 0.141, idim 9, samples ?" in text
+    assert "fc1  width 64 | train: sat. 0.141, idim 9, samples ?" in text.replace("\u00a0", " ")
     assert max(map(len, text.splitlines())) <= 100
     assert main(["diagnose", str(tmp_path / "run.csv"), "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
