@@ -517,7 +517,7 @@ def diagnose(
     Returns
     -------
     list of Finding
-        ``warn`` findings first, then ``info``, then ``ok``.
+        ``warn`` findings first, then ``info``, then ``ok``; ``samples-unknown`` last.
 
     Raises
     ------
@@ -533,8 +533,8 @@ def diagnose(
     ...                     "train-saturation_fc2": [0.14], "train-intrinsic-dimensionality_fc2": [9],
     ...                     "train-saturation_out": [0.9], "train-intrinsic-dimensionality_out": [9]})
     >>> [(f.kind, f.severity, f.layers) for f in diagnose(run)]  # doctest: +NORMALIZE_WHITESPACE
-    [('too-wide', 'warn', ('fc1',)), ('samples-unknown', 'info', ()),
-     ('collapse-before-classifier', 'ok', ('fc2',))]
+    [('too-wide', 'warn', ('fc1',)), ('collapse-before-classifier', 'ok', ('fc2',)),
+     ('samples-unknown', 'info', ())]
     >>> diagnose(run)[0].suggestion
     {'action': 'narrow', 'widths': {'fc1': 64}}
     """

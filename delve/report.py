@@ -102,7 +102,7 @@ def _mark_layer_labels(labels: Sequence[Any], ctx: _Context) -> None:
 
 def _heatmap(ctx: _Context, stat: str) -> Optional[str]:
     """Layers-by-epochs heatmaps of ``stat`` (``lsat`` or ``idim``), train and eval on one colour scale."""
-    from delve.writers.plotting import draw_evolution, evolution_size
+    from delve.writers.heatmap import draw_evolution, evolution_size
 
     name = SATURATION if stat == "lsat" else IDIM
     tables = {mode: statistic_table(ctx.frame, mode, name).reindex(columns=ctx.layers) for mode in ctx.modes}

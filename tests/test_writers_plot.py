@@ -16,7 +16,7 @@ from test_writers_common import run_epochs, tiny_model
 matplotlib = pytest.importorskip("matplotlib", reason="the plot writer needs matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from delve.writers import plotting  # noqa: E402
+from delve.writers import heatmap, plotting  # noqa: E402
 
 LAYERS = ["0", "2", "4"]
 
@@ -25,7 +25,7 @@ LAYERS = ["0", "2", "4"]
 def drawn(monkeypatch):
     """Record what every profile and heatmap showed, read from the axes before they are saved."""
     records = {"profile": [], "evolution": []}
-    draw_profiles, draw_evolution = plotting.draw_profiles, plotting.draw_evolution
+    draw_profiles, draw_evolution = plotting.draw_profiles, heatmap.draw_evolution
 
     def profiles(ax, labels, values, stat, title, **kwargs):
         ax = draw_profiles(ax, labels, values, stat, title, **kwargs)
@@ -55,7 +55,7 @@ def drawn(monkeypatch):
         return axes
 
     monkeypatch.setattr(plotting, "draw_profiles", profiles)
-    monkeypatch.setattr(plotting, "draw_evolution", evolution)
+    monkeypatch.setattr(heatmap, "draw_evolution", evolution)
     return records
 
 

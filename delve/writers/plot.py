@@ -195,7 +195,7 @@ class CSVandPlottingWriter(CSVWriter):
         plotting.save_figure(ax.figure, self._path(stat, "epoch", f"{epoch:04d}"))
 
     def _plot_evolutions(self) -> None:
-        from delve.writers import plotting
+        from delve.writers import heatmap, plotting
 
         self._evolution_stale = False
         epochs = [epoch for epoch, _ in self.rows]
@@ -212,9 +212,9 @@ class CSVandPlottingWriter(CSVWriter):
             if not any(np.isfinite(matrix).any() for matrix in matrices.values()):
                 continue
             widths = _widths(tables, layers) if stat == "idim" else None
-            figure = plotting.new_figure(*plotting.evolution_size(layers, epochs, len(matrices)),
+            figure = plotting.new_figure(*heatmap.evolution_size(layers, epochs, len(matrices)),
                                          layout="constrained")
-            plotting.draw_evolution(figure, layers, epochs, matrices, stat,
+            heatmap.draw_evolution(figure, layers, epochs, matrices, stat,
                                     f"{self.run_name}: {plotting.stat_label(stat)} over training",
                                     widths=widths, fontsize=self.fontsize)
             plotting.save_figure(figure, self._path(stat, "evolution"))
