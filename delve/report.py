@@ -352,8 +352,12 @@ def _layer_plain(name: str, numbers: dict) -> str:
     return f"{name}  " + " | ".join(parts)
 
 
+_CLI_LAYERS = 6
+
+
 def format_findings(findings: Sequence[Finding], width: Optional[int] = None) -> str:
-    """The findings as plain text for a terminal: severity and kind, the message, then its evidence.
+    """The findings as plain text for a terminal: severity and kind, the message, then its evidence
+    (the numbers of at most six layers per finding).
 
     Parameters
     ----------
@@ -380,9 +384,13 @@ def format_findings(findings: Sequence[Finding], width: Optional[int] = None) ->
         if extra:
             lines += textwrap.wrap("evidence: " + _value_text(extra), width, initial_indent=indent,
                                    subsequent_indent=indent + "  ", break_on_hyphens=False)
-        for name, numbers in finding.evidence.get("layers", {}).items():
+        layers = list(finding.evidence.get("layers", {}).items())
+        for name, numbers in layers[:_CLI_LAYERS]:
             lines += textwrap.wrap(_layer_plain(name, numbers), width, initial_indent=indent + "  ",
                                    subsequent_indent=indent + "    ", break_on_hyphens=False)
+        if len(layers) > _CLI_LAYERS:
+            more = len(layers) - _CLI_LAYERS
+            lines.append(f"{indent}  … {more} more layer{'s' if more > 1 else ''} (--json shows all)")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no findings"
 

@@ -101,7 +101,7 @@ def run(resolution: int, epochs: int, limit: int, probe_epochs: int) -> str:
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()
     savefile = f"runs/tail_resolution_{resolution}px"
-    with SaturationTracker(savefile, save_to="csv", modules=model) as tracker:
+    with SaturationTracker(savefile, save_to="csv", modules=model, stats=["lsat", "idim"]) as tracker:
         for epoch in range(epochs):
             model.train()
             for images, labels in train_loader:
@@ -114,8 +114,8 @@ def run(resolution: int, epochs: int, limit: int, probe_epochs: int) -> str:
     save_receptive_fields(f"{savefile}/receptive_fields.json", model, (1, resolution, resolution))
     probes = linear_probes(model, train_loader, test_loader, epochs=probe_epochs)
     probes_to_frame(probes).to_csv(f"{savefile}/probes.csv")
-    path = report(savefile)
-    findings = diagnose(savefile)  # reads receptive_fields.json and probes.csv from the run folder
+    path = report(savefile, model=model, input_size=(1, resolution, resolution))
+    findings = diagnose(savefile, model=model)  # receptive_fields.json and probes.csv come from the run folder
     print(f"{resolution} px: report {path}\n{format_findings(findings)}\n")
     return path
 
