@@ -24,7 +24,8 @@ from delve.analysis import (
 RF_FILE = "receptive_fields.json"
 PROBES_FILE = "probes.csv"
 
-#: A layer is too wide when it has at least this many features per dimension it uses.
+#: The width advised per dimension a layer uses (rounded up to a power of two); a layer at least twice as wide
+#: as that is too wide.
 WIDTH_FACTOR = 8
 #: The layer before the classifier collapses to at most this many times the number of classes.
 COLLAPSE = 2
@@ -253,7 +254,7 @@ def _collapse(run: _Run) -> Tuple[List[Finding], Optional[str]]:
     if classifier is None or classifier.width is None or feeding is None or feeding.idim is None:
         return [], None
     classes = classifier.width
-    if feeding.enough_samples is False or feeding.kind == "attention" or feeding.idim > COLLAPSE * classes:
+    if classes < 2 or feeding.enough_samples is False or feeding.kind == "attention" or feeding.idim > COLLAPSE * classes:
         return [], None
     evidence = run.evidence([feeding.name, classifier.name], classes=classes)
     share = f" of its {feeding.width}" if feeding.width else ""
