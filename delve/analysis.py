@@ -259,11 +259,12 @@ def layers_of(run: Run) -> List[str]:
 
 
 def layer_widths(run: Run, model: Any = None) -> pd.Series:
-    """Feature width of each layer: from ``model`` where it tells, else intrinsic dimensionality / saturation.
+    """Feature width of each layer: intrinsic dimensionality / saturation, else what ``model`` tells.
 
-    Saturation is the intrinsic dimensionality over the width, so a run that
-    records both (``stats=['lsat', 'idim']``) holds every width. A layer with
-    neither gets ``NaN``.
+    Saturation is the intrinsic dimensionality over the width of what was
+    recorded, so a run that records both (``stats=['lsat', 'idim']``) holds
+    every width, also for ``conv_method='flatten'``. Other layers take the
+    width of the module in ``model``; a layer with neither gets ``NaN``.
 
     Examples
     --------
@@ -285,7 +286,7 @@ def layer_widths(run: Run, model: Any = None) -> pd.Series:
         options = AdapterOptions()
         for name, module in find_layers(model).items():
             width = feature_dimension(module, options)
-            if name in widths.index and width is not None:
+            if name in widths.index and width is not None and np.isnan(widths[name]):
                 widths[name] = float(width)
     return widths
 
@@ -298,7 +299,7 @@ def layer_table(run: Run, model: Any = None) -> pd.DataFrame:
     run : str, os.PathLike, pandas.DataFrame or SaturationTracker
         See :func:`load_run`.
     model : torch.nn.Module, optional
-        The network, for widths the run does not imply (see :func:`layer_widths`).
+        The network, for widths the run does not hold (see :func:`layer_widths`).
 
     Returns
     -------

@@ -172,8 +172,11 @@ def test_load_run_tidy_and_layer_table_of_a_real_run(tmp_path) -> None:
     saturation = long[(long.statistic == "saturation") & (long.epoch == 1)].set_index("layer")["value"]
     assert saturation.to_dict() == {"0": 1.0, "1": 1.0, "2": 1.0, "3": 1 / 16, "4": 1 / 16, "5": 1 / 4}
     table = layer_table(savefile, model)
-    # Widths from the model agree with intrinsic dimensionality / saturation of the run.
+    # Widths of the run (intrinsic dimensionality / saturation) agree with the model's.
     assert table["width"].tolist() == [16, 16, 16, 16, 16, 4]
     assert layer_table(savefile)["width"].tolist() == [16, 16, 16, 16, 16, 4]
+    saturation_only = load_run(savefile).filter(like="-saturation_")
+    assert layer_table(saturation_only)["width"].isna().all()
+    assert layer_table(saturation_only, model)["width"].tolist() == [16, 16, 16, 16, 16, 4]
     assert table["train-intrinsic-dimensionality"].tolist() == [16, 16, 16, 1, 1, 1]
     assert table["train-samples"].isna().all()  # the run does not record samples
