@@ -530,9 +530,9 @@ def _size(size: Optional[Sequence[int]]) -> str:
 
 def _span(names: Sequence[str]) -> str:
     quoted = [f"`{n}`" for n in names]
-    if len(quoted) <= 3:
+    if len(quoted) <= 5:
         return " and ".join(filter(None, (", ".join(quoted[:-1]), quoted[-1])))
-    return f"{quoted[0]} … {quoted[-1]} ({len(quoted)} layers)"
+    return f"{', '.join(quoted[:3])}, … and {quoted[-1]} ({len(quoted)} layers)"
 
 
 def _subject(names: Sequence[str]) -> str:

@@ -56,6 +56,7 @@ class _Context:
     table: pd.DataFrame
     findings: List[Finding]
     input_size: Optional[Tuple[int, ...]] = None
+    path: str = ""
     fields: Dict[str, Any] = field(default_factory=dict)
     probes: Optional[pd.DataFrame] = None
     ratio: float = 0.7
@@ -120,13 +121,6 @@ def _heatmap(ctx: _Context, stat: str) -> Optional[str]:
         _mark_layer_labels(ax.get_yticklabels(), ctx)
         if ctx.border is not None:
             ax.axhline(ctx.border - 0.5, color=_BORDER_COLOR, linewidth=2.2, linestyle="--")
-    if ctx.border is not None:
-        axes[-1].annotate(
-            f"receptive field ≥ input ({_size_text(ctx.input_size)})", xy=(1.0, ctx.border - 0.5),
-            xycoords=("axes fraction", "data"), xytext=(-4, 3), textcoords="offset points", ha="right",
-            va="bottom", color=_BORDER_COLOR, fontsize=8, fontweight="bold",
-            bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1.5),
-        )
     return _png(figure)
 
 
@@ -145,8 +139,10 @@ def _profile(ctx: _Context) -> str:
         ax.bar(offsets, values, width=width * 0.95, color=MODE_COLORS[mode], edgecolor=edges, linewidth=1.8,
                zorder=2)
         for x, value, dims in zip(offsets, values, ctx.table[f"{mode}-{IDIM}"].to_numpy(dtype=float)):
-            if np.isfinite(value) and np.isfinite(dims):
-                ax.text(x, value + 0.01, f"{dims:.0f}", ha="center", va="bottom", fontsize=7, color="#3e4c59")
+            if np.isfinite(value) and np.isfinite(dims):  # inside the bar's top, clear of the probe lines
+                inside = value > 0.12
+                ax.text(x, value - 0.015 if inside else value + 0.01, f"{dims:.0f}", ha="center",
+                        va="top" if inside else "bottom", fontsize=7, color="white" if inside else "#3e4c59")
         handles.append(_patch(MODE_COLORS[mode], mode))
         epochs.append(f"{mode} {last_epoch(ctx.frame, mode).name}")
     for start, stop in _runs([ctx.layers.index(n) for n in ctx.unproductive]):
@@ -442,17 +438,17 @@ def render_html(ctx: _Context) -> str:
         "<div class='meta'>" + "".join(f"<span>{m}</span>" for m in meta) + "</div>",
         "<h2>Findings</h2>", "".join(_finding_html(f) for f in ctx.findings),
         "<p class='small'>The findings of <code>delve.analysis.diagnose</code> (also "
-        f"<code>python -m delve diagnose {html.escape(ctx.name)}</code>). A <b>change advised</b> was followed and "
+        f"<code>python -m delve diagnose {html.escape(ctx.path or ctx.name)}</code>). A <b>change advised</b> was followed and "
         "retrained in delve's <code>benchmarks/advice.py</code> without costing accuracy; see the documentation's "
         "Advice page for every rule.</p>",
         "<h2>Saturation per layer over epochs</h2>", _figure_html(_heatmap(ctx, "lsat"), caption),
     ]
     idim = _heatmap(ctx, "idim")
     if idim:
-        parts += ["<h2>Intrinsic dimensionality per layer over epochs</h2>", _figure_html(
-            idim, "Numbers are dimensions; the colour is their share of the layer's width (in brackets), one scale "
-                  "for train and eval." if ctx.table["width"].notna().all() else
-                  "Numbers are dimensions, on one colour scale for train and eval.")]
+        scale = ("the colour is their share of the layer's width (in brackets), one scale for train and eval"
+                 if ctx.table["width"].notna().all() else "one colour scale for train and eval")
+        parts += ["<h2>Intrinsic dimensionality per layer over epochs</h2>",
+                  _figure_html(idim, f"Numbers are dimensions; {scale}. {caption}")]
     parts += [
         "<h2>Last epoch</h2>",
         _figure_html(_profile(ctx), "Saturation of each layer at the last epoch, train and eval side by side; the "
@@ -541,8 +537,8 @@ def report(
     table = table[table[[c for c in table.columns if c != "width"]].notna().any(axis=1)]
     ctx = _Context(
         name=os.path.basename(savefile) or savefile, frame=frame, modes=modes, mode=mode, layers=list(table.index),
-        table=table, findings=findings, input_size=size, fields=fields, probes=probe_table, ratio=ratio,
-        min_gap=min_gap,
+        table=table, findings=findings, input_size=size, path=savefile, fields=fields, probes=probe_table,
+        ratio=ratio, min_gap=min_gap,
     )
     output = output or os.path.join(savefile, "report.html")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
