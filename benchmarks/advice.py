@@ -2,34 +2,37 @@
 
 Run by hand from the repository root (``--quick`` runs in the tests)::
 
-    nice python benchmarks/advice.py                 # the full suite, about 25 minutes on 2 cores
+    nice python benchmarks/advice.py --findings      # the full suite: 16 minutes on a busy 2-core VM
     python benchmarks/advice.py --cases mlp --seeds 0 1
-    python benchmarks/advice.py --quick              # a few seconds: tiny data, one epoch
+    python benchmarks/advice.py --quick              # seconds: 128 examples, one epoch, one seed
 
 For every case it trains the model with each seed while a
 :class:`~delve.SaturationTracker` records the last epoch (train on the
 training data, eval on the test data), runs :func:`delve.analysis.diagnose`
-on the run of the first seed (with the model, its input size and linear
-probes), and for every ``warn`` finding applies the suggestion the finding
-carries (narrow a layer to a width, remove layers, raise the input
+on the run of the first seed (with the model, its input size, and for the
+image cases linear probes), and for every ``warn`` finding applies the
+suggestion it carries (narrow layers to the given widths, raise the input
 resolution) and retrains with the same seeds. The table gives the mean test
 accuracy before and after, the change in points (paired by seed) and its
-spread. A ``warn`` whose change costs more than 0.5 points is a bug of its
-rule (:data:`TOLERANCE`); ``info`` findings are listed but not applied.
+standard error. A ``warn`` whose change costs more than 0.5 points is a bug of
+its rule (:data:`TOLERANCE`); ``info`` and ``ok`` findings are listed, not
+followed. The docs' "Advice" page holds the full table.
 
-The suite (all data ships with scikit-learn or is synthetic):
+The suite (all data ship with scikit-learn or are synthetic):
 
 - ``quickstart``: the quickstart CNN (conv 16, conv 32, pool, Linear 64,
   classifier) on the 8x8 digits;
-- ``conv8-8px`` and ``conv8-32px``: eight 3x3 convolutions without
-  normalization (four at full resolution, a 2x2 max-pool, four more), global
-  average pooling and a classifier, on the digits at 8 px and upsampled
-  (bilinear) to 32 px; at 8 px the last four layers see the whole input;
-- ``mlp``: a 512-wide three-layer MLP on 32-dimensional data that lies in an
+- ``conv8-8px`` and ``conv8-32px``: eight 3x3 convolutions with batch norm
+  (16, 16, pool, 16, 16, pool, then 32 channels four times), global average
+  pooling and a classifier, on the digits at 8 px and upsampled (bilinear) to
+  32 px; at 8 px the last five see the whole input;
+- ``deepcnn-8px``: the ten convolutions of ``examples/tail_resolution.py`` at
+  8 px, whose last stage forms a tail;
+- ``mlp``: a 512-wide three-layer MLP on 32-dimensional data that lie in an
   8-dimensional subspace (known intrinsic dimensionality 8), ten classes by the
   nearest of ten centres in that subspace;
 - ``transformer``: a two-layer transformer encoder (width 32, feed-forward
-  256) on synthetic sequences whose label is the token the first token points at.
+  256) on synthetic sequences whose label is the token after a marker.
 """
 from __future__ import annotations
 
