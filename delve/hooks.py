@@ -352,6 +352,23 @@ def _dispatch(module: nn.Module, inputs: Any, output: Any) -> None:
                 recorder(module, output)
 
 
+_COMPILE_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
+
+def _ignore_compile_warning() -> None:
+    """Filter out torch.compile's warning about global hooks (once: every change of the filters resets
+    Python's once-per-location memory of all warnings).
+
+    ``torch.compile(module)`` warns at every call while any global hook exists,
+    because global hooks also fire for the ``OptimizedModule`` wrapper. delve's
+    hook ignores that wrapper (it is no tracked module), so the warning says
+    nothing about delve's numbers.
+    """
+    if not any(action == "ignore" and getattr(message, "pattern", None) == _COMPILE_WARNING
+               for action, message, *_ in warnings.filters):
+        warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
+
+
 class HookHandle:
     """Removes the recorders and mask hooks of one tracker; idempotent, like :class:`~torch.utils.hooks.RemovableHandle`.
 
@@ -390,12 +407,7 @@ class HookHandle:
         self.recorders.append(recorder)
         if not _GLOBAL_HANDLE:
             _GLOBAL_HANDLE.append(module_hooks.register_module_forward_hook(_dispatch))
-        # torch.compile(module) warns at every call while any global hook exists, because global hooks
-        # also fire for the OptimizedModule wrapper. delve's hook ignores that wrapper (it is no tracked
-        # module), so the warning says nothing about delve's numbers. (An identical filter is replaced.)
-        warnings.filterwarnings(
-            "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks", category=UserWarning
-        )
+        _ignore_compile_warning()
 
     def discard(self, recorder: LayerRecorder) -> None:
         """Detach one recorder (nothing if it is not attached)."""

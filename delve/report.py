@@ -1,15 +1,17 @@
-"""One self-contained HTML page that turns a run's saturation into architecture decisions.
+"""One self-contained HTML page that turns a run into architecture decisions, with their evidence.
 
 :func:`report` reads ``<savefile>.csv`` and writes ``<savefile>/report.html``
-with its figures embedded as PNG: saturation per layer over epochs (a
-heatmap), the last epoch's profile, eval against train, the other logged
-values, a table per layer, and recommendations in plain language. The
-low-saturation tail (:func:`delve.analysis.find_tail`) is marked; so is the
-receptive-field border (:mod:`delve.receptive_field`) when the model and
-input size are given, or a receptive-field JSON is passed or lies in the run
-folder as ``receptive_fields.json``. Probe accuracies
-(:func:`delve.probes.linear_probes`) are drawn over the profile when given,
-or when ``probes.csv`` lies in the run folder.
+with its figures embedded as PNG. The findings are exactly those of
+:func:`delve.analysis.diagnose`, each with the numbers it rests on; then
+saturation and intrinsic dimensionality per layer over epochs (train and eval
+on one colour scale), the last epoch's profile, eval against train, the other
+logged values, and a table of every layer's width, samples, saturation and
+intrinsic dimensionality. Layers of a tail are marked; so is the
+receptive-field border (:mod:`delve.receptive_field`) when the model and input
+size are given, or a receptive-field JSON is passed or lies in the run folder
+as ``receptive_fields.json``. Probe accuracies (:func:`delve.probes.linear_probes`)
+are drawn over the profile when given, or when ``probes.csv`` lies in the run
+folder.
 
 Figures are :class:`matplotlib.figure.Figure` objects rendered by Agg; they
 never enter pyplot's global registry and are released after rendering.
@@ -20,21 +22,26 @@ import base64
 import html
 import math
 import os
+import re
+import shutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
-from delve.analysis import MODES, available_modes, csv_path, find_tail, last_epoch, load_run, statistic_table
+from delve import _diagnosis
+from delve._diagnosis import PROBES_FILE, RF_FILE  # noqa: F401  (the file names report() looks for)
+from delve.analysis import (
+    IDIM, MODES, SAMPLES, SATURATION, Finding, available_modes, csv_path, diagnose, last_epoch, layer_table, load_run,
+    statistic_table,
+)
+from delve.writers.plotting import MODE_COLORS
 
-RF_FILE = "receptive_fields.json"
-PROBES_FILE = "probes.csv"
 _STAT_PREFIXES = tuple(f"{mode}-" for mode in MODES) + ("average-",)
 _TAIL_COLOR = "#d62728"
-_BAR_COLOR = "#4c72b0"
 _BORDER_COLOR = "#ff7f0e"
-_EVAL_COLOR = "#55a868"
 
 
 @dataclass
@@ -46,51 +53,30 @@ class _Context:
     modes: List[str]
     mode: str
     layers: List[str]
-    tail: List[str]
+    table: pd.DataFrame
+    findings: List[Finding]
     input_size: Optional[Tuple[int, ...]] = None
+    path: str = ""
     fields: Dict[str, Any] = field(default_factory=dict)
-    unproductive: List[str] = field(default_factory=list)
     probes: Optional[pd.DataFrame] = None
     ratio: float = 0.7
     min_gap: float = 0.2
 
     @property
+    def tail(self) -> List[str]:
+        """Layers of the tail findings."""
+        return [n for f in self.findings if f.kind == "tail" for n in f.layers]
+
+    @property
+    def unproductive(self) -> List[str]:
+        """Layers whose input already sees the whole input."""
+        return [n for n, f in self.fields.items() if f.unproductive and n in self.layers]
+
+    @property
     def border(self) -> Optional[int]:
         """Index (in ``layers``) of the first unproductive layer."""
-        positions = [self.layers.index(n) for n in self.unproductive if n in self.layers]
+        positions = [self.layers.index(n) for n in self.unproductive]
         return min(positions) if positions else None
-
-
-# ----------------------------------------------------------------------- inputs
-def _receptive_fields(
-    run_folder: str, model: Any, input_size: Any, receptive_fields: Optional[str]
-) -> Tuple[Optional[Tuple[int, ...]], Dict[str, Any]]:
-    from delve import receptive_field as rf
-
-    if model is not None:
-        if input_size is None:
-            raise ValueError("input_size is required with model= (such as (3, 32, 32)), to trace receptive fields")
-        return rf.spatial_input_size(model, input_size), dict(rf.trace_receptive_fields(model, input_size))
-    path = receptive_fields or os.path.join(run_folder, RF_FILE)
-    if os.path.exists(path):
-        size, layers = rf.load_receptive_fields(path)
-        return size, dict(layers)
-    if receptive_fields is not None:
-        raise FileNotFoundError(f"receptive_fields={receptive_fields!r} does not exist")
-    return None, {}
-
-
-def _probe_frame(run_folder: str, probes: Any) -> Optional[pd.DataFrame]:
-    if probes is None:
-        path = os.path.join(run_folder, PROBES_FILE)
-        return pd.read_csv(path, index_col=0) if os.path.exists(path) else None
-    if isinstance(probes, (str, os.PathLike)):
-        return pd.read_csv(probes, index_col=0)
-    if isinstance(probes, pd.DataFrame):
-        return probes
-    from delve.probes import probes_to_frame
-
-    return probes_to_frame(probes)
 
 
 # ---------------------------------------------------------------------- figures
@@ -110,60 +96,71 @@ def _figure(width: float, height: float) -> Any:
 
 def _mark_layer_labels(labels: Sequence[Any], ctx: _Context) -> None:
     for label in labels:
-        if label.get_text() in ctx.tail:
+        if label.get_text().split(" (")[0] in ctx.tail:
             label.set_color(_TAIL_COLOR)
             label.set_fontweight("bold")
 
 
-def _heatmap(ctx: _Context) -> str:
-    width = min(4.8 + 1.1 * len(ctx.frame), 11.5) if len(ctx.modes) == 1 else 11.5
-    figure = _figure(width, 1.6 + 0.26 * len(ctx.layers))
-    axes = figure.subplots(1, len(ctx.modes), sharey=True, squeeze=False)[0]
-    image = None
-    for ax, mode in zip(axes, ctx.modes):
-        table = statistic_table(ctx.frame, mode).reindex(columns=ctx.layers)
-        image = ax.imshow(table.to_numpy(dtype=float).T, aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                          interpolation="nearest")
-        ax.set_title(f"{mode} saturation", fontsize=11)
-        ax.set_xlabel("epoch")
-        epochs = list(table.index)
-        step = max(1, len(epochs) // 12)
-        ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
-        ax.set_yticks(range(len(ctx.layers)), ctx.layers, fontsize=8)
+def _heatmap(ctx: _Context, stat: str) -> Optional[str]:
+    """Layers-by-epochs heatmaps of ``stat`` (``lsat`` or ``idim``), train and eval on one colour scale."""
+    from delve.writers.heatmap import draw_evolution, evolution_size
+
+    name = SATURATION if stat == "lsat" else IDIM
+    tables = {mode: statistic_table(ctx.frame, mode, name).reindex(columns=ctx.layers) for mode in ctx.modes}
+    tables = {mode: table for mode, table in tables.items() if table.notna().any().any()}
+    if not tables:
+        return None
+    epochs = list(ctx.frame.index)
+    matrices = {mode: table.reindex(epochs).to_numpy(dtype=float).T for mode, table in tables.items()}
+    widths = ctx.table["width"].to_numpy(dtype=float) if stat == "idim" else None
+    figure = _figure(*evolution_size(ctx.layers, epochs, len(matrices)))
+    label = "saturation" if stat == "lsat" else "intrinsic dimensionality"
+    axes = draw_evolution(figure, ctx.layers, epochs, matrices, stat, f"{label} per layer over epochs",
+                          widths=widths, fontsize=10)
+    for ax in axes:
         _mark_layer_labels(ax.get_yticklabels(), ctx)
         if ctx.border is not None:
             ax.axhline(ctx.border - 0.5, color=_BORDER_COLOR, linewidth=2.2, linestyle="--")
-    if ctx.border is not None:
-        axes[-1].annotate(
-            f"receptive field ≥ input ({_size_text(ctx.input_size)})", xy=(1.0, ctx.border - 0.5),
-            xycoords=("axes fraction", "data"), xytext=(-4, 3), textcoords="offset points", ha="right",
-            va="bottom", color=_BORDER_COLOR, fontsize=8, fontweight="bold",
-            bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1.5),
-        )
-    figure.colorbar(image, ax=list(axes), shrink=0.9, label="saturation")
     return _png(figure)
 
 
 def _profile(ctx: _Context) -> str:
-    values = last_epoch(ctx.frame, ctx.mode).reindex(ctx.layers)
+    """The last epoch: saturation of every layer, train and eval side by side, idim on top, probes over it."""
     figure = _figure(11.5, 4.6)
     ax = figure.subplots()
     positions = np.arange(len(ctx.layers))
-    colors = [_TAIL_COLOR if name in ctx.tail else _BAR_COLOR for name in ctx.layers]
-    ax.bar(positions, values.to_numpy(dtype=float), color=colors, width=0.75, zorder=2)
-    for start, stop in _runs([ctx.layers.index(n) for n in ctx.unproductive if n in ctx.layers]):
+    width = 0.8 / len(ctx.modes)
+    handles = []
+    epochs = []
+    for index, mode in enumerate(ctx.modes):
+        values = ctx.table[f"{mode}-{SATURATION}"].to_numpy(dtype=float)
+        offsets = positions + (index - (len(ctx.modes) - 1) / 2) * width
+        edges = [_TAIL_COLOR if name in ctx.tail else "none" for name in ctx.layers]
+        ax.bar(offsets, values, width=width * 0.95, color=MODE_COLORS[mode], edgecolor=edges, linewidth=1.8,
+               zorder=2)
+        for x, value, dims in zip(offsets, values, ctx.table[f"{mode}-{IDIM}"].to_numpy(dtype=float)):
+            if np.isfinite(value) and np.isfinite(dims):  # inside the bar's top, clear of the probe lines
+                inside = value > 0.12
+                ax.text(x, value - 0.015 if inside else value + 0.01, f"{dims:.0f}", ha="center",
+                        va="top" if inside else "bottom", fontsize=7, color="white" if inside else "#3e4c59")
+        handles.append(_patch(MODE_COLORS[mode], mode))
+        epochs.append(f"{mode} {last_epoch(ctx.frame, mode).name}")
+    for start, stop in _runs([ctx.layers.index(n) for n in ctx.unproductive]):
         ax.axvspan(start - 0.5, stop + 0.5, color=_BORDER_COLOR, alpha=0.12, linewidth=0, zorder=0)
     if ctx.border is not None:
         ax.axvline(ctx.border - 0.5, color=_BORDER_COLOR, linestyle="--", linewidth=2)
         ax.text(ctx.border - 0.4, 1.03, f"receptive field ≥ input ({_size_text(ctx.input_size)}) →",
                 color=_BORDER_COLOR, fontsize=9, fontweight="bold", va="bottom")
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel(f"{ctx.mode} saturation (epoch {values.name})")
-    ax.set_xticks(positions, ctx.layers, rotation=55, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(ctx.layers) - 0.4)
+    ax.set_ylabel(f"saturation (epoch: {', '.join(epochs)})")
+    ax.set_xticks(positions, ctx.layers, rotation=55 if len(ctx.layers) > 6 else 0,
+                  ha="right" if len(ctx.layers) > 6 else "center", fontsize=8)
     _mark_layer_labels(ax.get_xticklabels(), ctx)
     ax.grid(axis="y", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    handles = [_patch(_BAR_COLOR, "saturation")] + ([_patch(_TAIL_COLOR, "tail")] if ctx.tail else [])
+    if ctx.tail:
+        handles.append(_patch("white", "tail (red edge)", edgecolor=_TAIL_COLOR))
     if ctx.probes is not None:
         probes = ctx.probes.reindex(ctx.layers)
         for column, style in (("test_accuracy", "-"), ("train_accuracy", ":")):
@@ -184,10 +181,10 @@ def _integer_locator() -> Any:
     return MaxNLocator(integer=True)
 
 
-def _patch(color: str, label: str, alpha: float = 1.0) -> Any:
+def _patch(color: str, label: str, alpha: float = 1.0, edgecolor: Optional[str] = None) -> Any:
     from matplotlib.patches import Patch
 
-    return Patch(color=color, label=label, alpha=alpha)
+    return Patch(facecolor=color, edgecolor=edgecolor or color, label=label, alpha=alpha)
 
 
 def _runs(positions: Sequence[int]) -> List[Tuple[int, int]]:
@@ -205,34 +202,6 @@ def _runs(positions: Sequence[int]) -> List[Tuple[int, int]]:
         else:
             stretches.append((position, position))
     return stretches
-
-
-def _eval_vs_train(ctx: _Context) -> str:
-    figure = _figure(11.5, 3.9)
-    left, right = figure.subplots(1, 2, width_ratios=[1.6, 1])
-    positions = np.arange(len(ctx.layers))
-    colors = {"train": _BAR_COLOR, "eval": _EVAL_COLOR}
-    for mode in ctx.modes:
-        values = last_epoch(ctx.frame, mode).reindex(ctx.layers)
-        left.plot(positions, values.to_numpy(dtype=float), marker="o", markersize=4, color=colors[mode],
-                  label=f"{mode} (epoch {values.name})")
-        table = statistic_table(ctx.frame, mode).dropna(how="all")
-        right.plot(table.index, table.mean(axis=1), marker="o", markersize=3, color=colors[mode], label=mode)
-    if ctx.border is not None:
-        left.axvline(ctx.border - 0.5, color=_BORDER_COLOR, linestyle="--", linewidth=1.6)
-    left.set_xticks(positions, ctx.layers, rotation=55, ha="right", fontsize=8)
-    _mark_layer_labels(left.get_xticklabels(), ctx)
-    left.set_ylim(0, 1.05)
-    left.set_ylabel("saturation, last epoch")
-    right.set_ylim(0, 1.05)
-    right.set_xlabel("epoch")
-    right.xaxis.set_major_locator(_integer_locator())
-    right.set_ylabel("mean saturation over layers")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-        ax.spines[["top", "right"]].set_visible(False)
-    return _png(figure)
 
 
 def _other_values(frame: pd.DataFrame) -> Optional[str]:
@@ -264,22 +233,6 @@ def _size_text(size: Optional[Tuple[int, ...]]) -> str:
     return "?" if not size else "×".join(str(s) for s in size) + " px"
 
 
-def _span(names: Sequence[str]) -> str:
-    quoted = [f"<code>{html.escape(n)}</code>" for n in names]
-    if len(quoted) <= 2:
-        return " and ".join(quoted)
-    return f"{quoted[0]} … {quoted[-1]} ({len(quoted)} layers)"
-
-
-def _subject(names: Sequence[str]) -> str:
-    return ("Layer " if len(names) == 1 else "Layers ") + _span(names)
-
-
-def _say(names: Sequence[str], one: str, many: str) -> str:
-    """``one`` for a single layer, ``many`` for several."""
-    return one if len(names) == 1 else many
-
-
 def _field_text(value: Any) -> str:
     if value is None:
         return ""
@@ -287,118 +240,86 @@ def _field_text(value: Any) -> str:
     return "global" if math.isinf(scalar) else f"{scalar:g}"
 
 
-def recommendations(ctx: _Context) -> List[Tuple[str, str]]:
-    """``(level, html)`` pairs: ``warn`` for a problem found, ``ok`` for good news, ``info`` otherwise."""
-    items: List[Tuple[str, str]] = []
-    values = last_epoch(ctx.frame, ctx.mode)
-    both = [n for n in ctx.tail if n in ctx.unproductive]
-    fitting = [n for n in ctx.tail if ctx.fields and n not in ctx.unproductive]
-    rest = values.drop(ctx.tail, errors="ignore").dropna()
-    head = f"{float(rest.median()):.2f}" if len(rest) else "?"
-    if ctx.tail and not fitting:
-        low = f"{float(values.reindex(ctx.tail).max()):.2f}"
-        tail = ctx.tail
-        if both:
-            items.append(("warn", (
-                f"{_subject(tail)} {_say(tail, 'adds', 'add')} nothing at this input size: "
-                f"{_say(tail, 'its receptive field already covers', 'their receptive fields already cover')} the "
-                f"{_size_text(ctx.input_size)} input (saturation at most {low} against a median of {head} for the "
-                f"other layers). Increase the input resolution or remove {_say(tail, 'it', 'them')}; slowing the "
-                f"receptive field's growth (fewer early downsampling layers) also makes {_say(tail, 'it', 'them')} "
-                "useful again."
-            )))
-        else:
-            # Without receptive fields (or for dense layers) nothing points at the input size.
-            items.append(("warn", (
-                f"{_subject(tail)} {_say(tail, 'adds', 'add')} little: {_say(tail, 'its', 'their')} saturation sits "
-                f"far below the rest (at most {low} against a median of {head} for the other layers), so "
-                f"{_say(tail, 'it uses', 'they use')} a small share of {_say(tail, 'its', 'their')} width. Make "
-                f"{_say(tail, 'it', 'them')} narrower or remove {_say(tail, 'it', 'them')}; for convolutions, a "
-                "receptive field that already covers the input is the usual cause, which a higher input resolution "
-                "fixes."
-            )))
-    elif ctx.tail:
-        if both:
-            items.append(("warn", (
-                f"{_subject(both)} {_say(both, 'adds', 'add')} nothing at this input size: "
-                f"{_say(both, 'it sits', 'they sit')} in the saturation tail and "
-                f"{_say(both, 'its receptive field already covers', 'their receptive fields already cover')} the "
-                f"{_size_text(ctx.input_size)} input. Increase the input resolution or remove "
-                f"{_say(both, 'it', 'them')}."
-            )))
-        low = f"{float(values.reindex(fitting).max()):.2f}"
-        items.append(("info", (
-            f"{_subject(fitting)} {_say(fitting, 'sits', 'sit')} far below the rest (at most {low} against a median "
-            f"of {head}) although {_say(fitting, 'its receptive field still fits', 'their receptive fields still fit')}"
-            f" the input, so resolution is not the cause: {_say(fitting, 'it uses', 'they use')} a small share of "
-            f"{_say(fitting, 'its', 'their')} width (common for the last layer before global pooling). "
-            f"{_say(fitting, 'It', 'They')} could be narrower; check the probe accuracies before removing "
-            f"{_say(fitting, 'it', 'them')}."
-        )))
-    extra = [n for n in ctx.unproductive if n not in ctx.tail]
-    if extra:
-        items.append(("info", (
-            f"{_subject(extra)} {_say(extra, 'receives an input that', 'receive inputs that')} already "
-            f"{_say(extra, 'sees', 'see')} the whole {_size_text(ctx.input_size)} input (the receptive field of "
-            f"{_say(extra, 'its', 'their')} input ≥ the input size), but {_say(extra, 'its', 'their')} saturation "
-            f"shows no tail; {_say(extra, 'it is a candidate', 'they are candidates')} for removal if a longer run "
-            f"shows {_say(extra, 'it', 'them')} dropping."
-        )))
-    spatial = [f for f in ctx.fields.values() if not math.isinf(max(f.input_receptive_field))]
-    if ctx.unproductive and spatial:
-        needed = max(max(f.input_receptive_field) for f in spatial)
-        items.append(("info", (
-            f"On inputs larger than {needed:g} px every layer would still add spatial context ({needed:g} px is the "
-            "largest receptive field entering a layer). The receptive-field border is the orange dashed line."
-        )))
-    if ctx.tail and not ctx.fields:
-        items.append(("info", (
-            "Pass the model and input size (<code>report(run, model=..., input_size=...)</code>) or save "
-            f"<code>{RF_FILE}</code> with <code>delve.receptive_field.save_receptive_fields</code> "
-            "to check the tail against the receptive-field border."
-        )))
-    if ctx.tail and ctx.fields and not ctx.unproductive:
-        items.append(("ok", (
-            f"No layer is unproductive at this input size: the input of every layer sees less than the whole "
-            f"{_size_text(ctx.input_size)} input, so depth and resolution match."
-        )))
-    if not ctx.tail and not ctx.unproductive:
-        items.append(("ok", (
-            "No tail: no run of final layers sits far below the others, so the depth suits this input size."
-            + ("" if ctx.fields else " (No receptive-field information was given.)")
-        )))
-    if "train" in ctx.modes and "eval" in ctx.modes:
-        gap = (last_epoch(ctx.frame, "train") - last_epoch(ctx.frame, "eval")).abs().dropna()
-        if len(gap) and float(gap.mean()) > 0.1:
-            items.append(("info", (
-                f"Train and eval saturation differ by {float(gap.mean()):.2f} on average at the last epoch: "
-                "the held-out data spreads over a different share of the feature space than the training data."
-            )))
-    if ctx.probes is not None and ctx.tail and "test_accuracy" in ctx.probes:
-        probes = ctx.probes["test_accuracy"].reindex(ctx.layers).dropna()
-        before = probes.reindex(ctx.layers[: ctx.layers.index(ctx.tail[0])]).dropna()
-        inside = probes.reindex(ctx.tail).dropna()
-        if len(before) and len(inside):
-            start, best = float(before.max()), float(inside.max())
-            verdict = (
-                "the tail barely improves on the layers before it"
-                if best - start < 0.02 else "the tail still improves the probes: remove its layers with care"
-            )
-            items.append(("info", (
-                f"Probes: the best layer before the tail reaches {start:.1%} test accuracy, the tail "
-                f"{best:.1%}; {verdict}."
-            )))
-    return items
+def _code(text: str) -> str:
+    """HTML of a plain-text message: escaped, with `names` in code spans."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def _number(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "?"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return f"{value:.0f}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and set(v) == {"input", "output"}
+                                                 for v in value.values()):
+        return "; ".join(f"{k} {_number(v['input'])} → {_number(v['output'])} px" for k, v in value.items())
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_value_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value_text(v) for v in value)
+    return _number(value)
+
+
+_NUMBERS = [("width", "width")] + [
+    (f"{mode}-{statistic}", f"{mode} {label}")
+    for mode in MODES for statistic, label in ((SAMPLES, "samples"), (SATURATION, "sat."), (IDIM, "idim"))
+]
+
+
+def _evidence_html(finding: Finding) -> str:
+    """The numbers a finding rests on: the rule's own, then each named layer's."""
+    extra = {k: v for k, v in finding.evidence.items() if k not in ("layers", "mode")}
+    parts = [f"<span><b>{html.escape(k.replace('_', ' '))}</b> {html.escape(_value_text(v))}</span>"
+             for k, v in extra.items()]
+    if finding.suggestion:
+        parts.append(f"<span><b>suggestion</b> {html.escape(_value_text(finding.suggestion))}</span>")
+    layers = finding.evidence.get("layers", {})
+    columns = [(key, label) for key, label in _NUMBERS if any(key in numbers for numbers in layers.values())]
+    rows = "".join(
+        f"<tr><td><code>{html.escape(name)}</code></td>"
+        + "".join(f"<td class='num'>{_number(numbers.get(key))}</td>" for key, _ in columns) + "</tr>"
+        for name, numbers in layers.items()
+    )
+    table = (f"<table class='evidence'><thead><tr><th>layer</th>"
+             + "".join(f"<th>{label}</th>" for _, label in columns) + f"</tr></thead><tbody>{rows}</tbody></table>"
+             if rows else "")
+    mode = finding.evidence.get("mode")
+    head = f"<span><b>mode judged</b> {html.escape(str(mode))}</span>" if mode else ""
+    return f"<div class='evidence'>{head}{''.join(parts)}</div>{table}"
+
+
+def _finding_html(finding: Finding) -> str:
+    label = {"warn": "change advised", "info": "worth knowing", "ok": "checked"}[finding.severity]
+    return (f"<div class='rec {finding.severity}'><div class='kind'>{label} · {html.escape(finding.kind)}</div>"
+            f"{_code(finding.message)}{_evidence_html(finding)}</div>")
 
 
 def _layer_table(ctx: _Context) -> str:
+    kinds: Dict[str, List[str]] = {}
+    for finding in ctx.findings:
+        for name in finding.layers:
+            kinds.setdefault(name, []).append(finding.kind)
+    header = ["layer", "width"] + [f"{mode} {label}" for mode in ctx.modes for label in ("samples", "sat.", "idim")]
+    if ctx.fields:
+        header += ["input RF", "RF"]
+    if ctx.probes is not None:
+        header += ["probe test acc."]
+    header.append("findings")
     rows = []
-    last = {mode: last_epoch(ctx.frame, mode) for mode in ctx.modes}
     for name in ctx.layers:
-        cells = [f"<td><code>{html.escape(name)}</code></td>"]
+        numbers = ctx.table.loc[name]
+        cells = [f"<td><code>{html.escape(name)}</code></td>", f"<td class='num'>{_number(numbers['width'])}</td>"]
         for mode in ctx.modes:
-            value = last[mode].get(name, np.nan)
-            cells.append(f"<td class='num'>{'' if pd.isna(value) else f'{value:.3f}'}</td>")
+            for statistic in (SAMPLES, SATURATION, IDIM):
+                cells.append(f"<td class='num'>{_number(numbers.get(f'{mode}-{statistic}'))}</td>")
         info = ctx.fields.get(name)
         if ctx.fields:
             cells.append(f"<td class='num'>{_field_text(info.input_receptive_field) if info else ''}</td>")
@@ -406,21 +327,68 @@ def _layer_table(ctx: _Context) -> str:
         if ctx.probes is not None:
             value = ctx.probes["test_accuracy"].get(name, np.nan) if "test_accuracy" in ctx.probes else np.nan
             cells.append(f"<td class='num'>{'' if pd.isna(value) else f'{value:.1%}'}</td>")
-        tags = []
-        if name in ctx.tail:
-            tags.append("<span class='tag tail'>tail</span>")
-        if name in ctx.unproductive:
-            tags.append("<span class='tag rf'>receptive field ≥ input</span>")
+        tags = [f"<span class='tag {'tail' if kind == 'tail' else 'rf' if kind == 'unproductive' else 'other'}'>"
+                f"{html.escape(kind)}</span>" for kind in kinds.get(name, [])]
         cells.append(f"<td>{' '.join(tags)}</td>")
         rows.append(f"<tr{' class=flag' if tags else ''}>{''.join(cells)}</tr>")
-    header = ["layer"] + [f"{mode} saturation" for mode in ctx.modes]
-    if ctx.fields:
-        header += ["input RF", "RF"]
-    if ctx.probes is not None:
-        header += ["probe test acc."]
-    header.append("")
     head = "".join(f"<th>{h}</th>" for h in header)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _layer_plain(name: str, numbers: dict) -> str:
+    """``conv1  width 16 | train: sat. 0.438, idim 7, samples ? | eval: ...``; a label and its number never
+    part at a line break (a no-break space joins them)."""
+    parts = [f"width\u00a0{_number(numbers.get('width'))}"] + (
+        [numbers["kind"]] if numbers.get("kind") not in (None, "unknown") else [])
+    for mode in MODES:
+        if f"{mode}-{SATURATION}" in numbers:
+            parts.append(f"{mode}: sat.\u00a0{_number(numbers[f'{mode}-{SATURATION}'])}, "
+                         f"idim\u00a0{_number(numbers.get(f'{mode}-{IDIM}'))}, "
+                         f"samples\u00a0{_number(numbers.get(f'{mode}-{SAMPLES}'))}")
+    return f"{name}  " + " | ".join(parts)
+
+
+_CLI_LAYERS = 6
+
+
+def format_findings(findings: Sequence[Finding], width: Optional[int] = None) -> str:
+    """The findings as plain text for a terminal: severity and kind, the message, then its evidence
+    (the numbers of at most six layers per finding).
+
+    Parameters
+    ----------
+    findings : list of Finding
+        What :func:`delve.analysis.diagnose` returns.
+    width : int, optional
+        Line width; default: the terminal's (at most 100 columns).
+
+    Returns
+    -------
+    str
+    """
+    width = width or min(shutil.get_terminal_size((100, 20)).columns, 100)
+    labels = {"warn": "WARN", "info": "INFO", "ok": "OK"}
+    indent = " " * 6
+    blocks = []
+    for finding in findings:
+        head = f"{labels[finding.severity]:<5} {finding.kind}"
+        head += f": {', '.join(finding.layers)}" if finding.layers else ""
+        lines = [head if len(head) <= width else head[: width - 2] + " …"]
+        lines += textwrap.wrap(finding.message, width, initial_indent=indent, subsequent_indent=indent,
+                               break_on_hyphens=False)
+        extra = {k: v for k, v in finding.evidence.items() if k not in ("layers", "mode")}
+        if extra:
+            lines += textwrap.wrap("evidence: " + _value_text(extra), width, initial_indent=indent,
+                                   subsequent_indent=indent + "  ", break_on_hyphens=False)
+        layers = list(finding.evidence.get("layers", {}).items())
+        for name, numbers in layers[:_CLI_LAYERS]:
+            lines += textwrap.wrap(_layer_plain(name, numbers), width, initial_indent=indent + "  ",
+                                   subsequent_indent=indent + "    ", break_on_hyphens=False)
+        if len(layers) > _CLI_LAYERS:
+            more = len(layers) - _CLI_LAYERS
+            lines.append(f"{indent}  … {more} more layer{'s' if more > 1 else ''} (--json shows all)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "no findings"
 
 
 _CSS = """
@@ -441,7 +409,10 @@ th,td{padding:5px 10px;border-bottom:1px solid #eceff3;text-align:left}
 th{background:#f0f2f5;font-weight:600}
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr.flag{background:#fffaf3}
 .tag{display:inline-block;border-radius:10px;padding:1px 8px;font-size:11px;color:#fff;margin-right:4px}
-.tag.tail{background:#d62728}.tag.rf{background:#ff7f0e}
+.tag.tail{background:#d62728}.tag.rf{background:#ff7f0e}.tag.other{background:#7b8794}
+.rec .kind{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#616e7c;margin-bottom:3px}
+div.evidence{font-size:12.5px;color:#3e4c59;margin-top:6px}div.evidence span{margin-right:14px;display:inline-block}
+table.evidence{width:auto;font-size:12px;margin-top:6px}table.evidence td,table.evidence th{padding:2px 8px}
 code{font-family:SFMono-Regular,Consolas,monospace;font-size:90%;background:#eef1f4;padding:1px 4px;border-radius:4px}
 .small{color:#616e7c;font-size:13px;line-height:1.5}
 """
@@ -454,36 +425,47 @@ def _figure_html(png: str, caption: str) -> str:
 
 def render_html(ctx: _Context) -> str:
     """The report page for a prepared context."""
-    recs = "".join(f"<div class='rec {level}'>{text}</div>" for level, text in recommendations(ctx))
     epochs = len(ctx.frame.index)
     meta = [f"{epochs} epoch{'s' if epochs != 1 else ''}", f"{len(ctx.layers)} layers"]
     meta.append("modes: " + ", ".join(ctx.modes))
     if ctx.input_size:
         meta.append(f"input {_size_text(ctx.input_size)}")
+    caption = ("Rows are layers in forward order" + ("; tail layers in red" if ctx.tail else "")
+               + ("; the orange dashed line is the receptive-field border (below it, layers see more than the whole "
+                  "input)" if ctx.border is not None else "") + ".")
     parts = [
         f"<h1>delve report · {html.escape(ctx.name)}</h1>",
         "<div class='meta'>" + "".join(f"<span>{m}</span>" for m in meta) + "</div>",
-        "<h2>Recommendations</h2>", recs,
-        "<h2>Saturation per layer over epochs</h2>",
-        _figure_html(_heatmap(ctx), "Rows are layers in forward order" + ("; tail layers in red" if ctx.tail else "")
-                     + ("; the orange dashed line is the receptive-field border (below it, layers see more than "
-                        "the whole input)" if ctx.border is not None else "") + "."),
+        "<h2>Findings</h2>", "".join(_finding_html(f) for f in ctx.findings),
+        "<p class='small'>The findings of <code>delve.analysis.diagnose</code> (also "
+        f"<code>python -m delve diagnose {html.escape(ctx.path or ctx.name)}</code>). A <b>change advised</b> was followed and "
+        "retrained in delve's <code>benchmarks/advice.py</code> without costing accuracy; see the documentation's "
+        "Advice page for every rule.</p>",
+        "<h2>Saturation per layer over epochs</h2>", _figure_html(_heatmap(ctx, "lsat"), caption),
+    ]
+    idim = _heatmap(ctx, "idim")
+    if idim:
+        scale = ("the colour is their share of the layer's width (in brackets), one scale for train and eval"
+                 if ctx.table["width"].notna().all() else "one colour scale for train and eval")
+        parts += ["<h2>Intrinsic dimensionality per layer over epochs</h2>",
+                  _figure_html(idim, f"Numbers are dimensions; {scale}. {caption}")]
+    parts += [
         "<h2>Last epoch</h2>",
-        _figure_html(_profile(ctx), f"{ctx.mode} saturation of each layer at the last epoch."),
-        "<h2>Eval vs train</h2>",
-        _figure_html(_eval_vs_train(ctx), "Left: each layer at the last epoch. Right: mean over layers per epoch."),
+        _figure_html(_profile(ctx), "Saturation of each layer at the last epoch, train and eval side by side; the "
+                                    "number on a bar is the intrinsic dimensionality."),
     ]
     other = _other_values(ctx.frame)
     if other:
         parts += ["<h2>Other logged values</h2>", _figure_html(other, "Values logged with add_scalar.")]
     parts += [
         "<h2>Layers</h2>", f"<div class='card'>{_layer_table(ctx)}</div>",
-        "<p class='small'>Saturation is the share of a layer's feature dimensions needed to explain 99% of the "
-        "variance of its outputs. The <b>tail</b> is the longest run of final layers whose saturation is at most "
-        f"{ctx.ratio:g} × the median of the layers before them and at least {ctx.min_gap:g} below it (the output "
-        "layer may stand outside it; <code>delve.analysis.find_tail</code>). A "
-        "layer is <b>unproductive</b> when the receptive field of its input is at least the input size and its own "
-        "exceeds it (Richter et al., <i>Should You Go Deeper?</i>, 2021).</p>",
+        "<p class='small'>At the last epoch. <b>Width</b>: the layer's features; <b>samples</b>: how many rows "
+        "its covariance was computed from (recorded with the statistic <code>samples</code>; ? when the run does "
+        "not hold it); <b>sat.</b>: saturation, the share of the width needed to explain 99% of the variance; "
+        "<b>idim</b>: that number of dimensions. The <b>tail</b> is the longest run of final layers of a sequential "
+        f"stack whose saturation is at most {ctx.ratio:g} × the median of the layers before them and at least "
+        f"{ctx.min_gap:g} below it. A layer is <b>unproductive</b> when the receptive field of its input is at "
+        "least the input size and its own exceeds it (Richter et al., <i>Should You Go Deeper?</i>, 2021).</p>",
     ]
     body = "\n".join(parts)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>delve report · {html.escape(ctx.name)}"
@@ -506,11 +488,12 @@ def report(
     Parameters
     ----------
     run : str or os.PathLike
-        The savefile given to the tracker (its CSV is ``run + '.csv'``) or the CSV's path.
+        The savefile given to the tracker (its CSV is ``run + '.csv'``) or the
+        CSV's path; a trailing path separator is ignored.
     model : torch.nn.Module, optional
-        The network, to trace receptive fields at ``input_size``.
+        The network: layer kinds and widths, and with ``input_size`` receptive fields.
     input_size : int or tuple of int, optional
-        ``(channels, *spatial)`` of the inputs; required with ``model``.
+        ``(channels, *spatial)`` of the inputs, to trace receptive fields.
     receptive_fields : str, optional
         A JSON written by :func:`delve.receptive_field.save_receptive_fields`;
         default: ``<run>/receptive_fields.json`` when it exists.
@@ -523,7 +506,7 @@ def report(
     mode : str, optional
         ``'train'`` or ``'eval'`` for the tail and the profile; default train when recorded.
     ratio, min_gap : float
-        Passed to :func:`delve.analysis.find_tail`.
+        The tail rule's thresholds (see :func:`delve.analysis.find_tail`).
 
     Returns
     -------
@@ -535,7 +518,7 @@ def report(
     FileNotFoundError
         If the run's CSV (or the given receptive-field file) does not exist.
     ValueError
-        If the run holds no saturation, or ``model`` comes without ``input_size``.
+        If the run holds no saturation, or ``mode`` is not one of its modes.
     """
     path = csv_path(run)
     savefile = path[: -len(".csv")]
@@ -546,15 +529,16 @@ def report(
     mode = mode or modes[0]
     if mode not in modes:
         raise ValueError(f"mode={mode!r} has no saturation in this run; choose one of {modes}")
-    layers: List[str] = []
-    for each in modes:
-        layers += [n for n in statistic_table(frame, each).columns if n not in layers]
-    size, fields = _receptive_fields(savefile, model, input_size, receptive_fields)
+    size, fields = _diagnosis.receptive_fields(path, model, input_size, receptive_fields)
+    probe_table = _diagnosis.probe_frame(path, probes)
+    findings = diagnose(path, model=model, input_size=input_size, probes=probe_table, mode=mode,
+                        receptive_fields=receptive_fields, ratio=ratio, min_gap=min_gap)
+    table = layer_table(frame, model)
+    table = table[table[[c for c in table.columns if c != "width"]].notna().any(axis=1)]
     ctx = _Context(
-        name=os.path.basename(savefile) or savefile, frame=frame, modes=modes, mode=mode, layers=layers,
-        tail=find_tail(frame, mode=mode, ratio=ratio, min_gap=min_gap), input_size=size, fields=fields,
-        unproductive=[n for n, f in fields.items() if f.unproductive and n in layers],
-        probes=_probe_frame(savefile, probes), ratio=ratio, min_gap=min_gap,
+        name=os.path.basename(savefile) or savefile, frame=frame, modes=modes, mode=mode, layers=list(table.index),
+        table=table, findings=findings, input_size=size, path=savefile, fields=fields, probes=probe_table,
+        ratio=ratio, min_gap=min_gap,
     )
     output = output or os.path.join(savefile, "report.html")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -299,6 +299,7 @@ class SaturationTracker(TrackerCompat):
         self.device = _resolve_device(device)
         self.epoch = self.initial_epoch
         self.last_results: Dict[str, Any] = {}
+        self._last_results_epoch = self.epoch
         self._context = RecordingContext(
             options=self.options,
             log_interval=self.log_interval,
@@ -715,11 +716,34 @@ class SaturationTracker(TrackerCompat):
         if self.verbose and distributed.is_main_process():
             self._print_saturations(results)
         self.last_results = results
+        self._last_results_epoch = self.epoch
         self._epoch_dirty = True
         self._reset(accumulators=self.reset_covariance)
         if save:
             self.save()
         return results
+
+    def tidy_results(self) -> Any:
+        """``last_results`` as a long :class:`pandas.DataFrame`: columns epoch, mode, statistic, layer, value.
+
+        One row per number (arrays such as ``cov`` are left out), as
+        :func:`delve.analysis.tidy_frame` builds it from a written run.
+
+        Examples
+        --------
+        >>> model = nn.Sequential(nn.Linear(4, 3))
+        >>> with SaturationTracker("runs/doc_tidy", save_to="csv", modules=model, nosave=True) as tracker:
+        ...     _ = model(torch.randn(16, 4))
+        ...     _ = tracker.add_saturations()
+        ...     tracker.tidy_results()[["epoch", "mode", "statistic", "layer", "value"]]
+           epoch   mode   statistic layer  value
+        0      0  train  saturation     0    1.0
+        """
+        import pandas as pd
+
+        from delve.analysis import tidy_frame
+
+        return tidy_frame(pd.DataFrame([self.last_results], index=[self._last_results_epoch]))
 
     def _print_saturations(self, results: Mapping[str, Any]) -> None:
         lines = [f"delve epoch {self.epoch}:"]

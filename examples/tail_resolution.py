@@ -19,6 +19,11 @@ For each resolution the script writes, under ``runs/``:
 - ``tail_resolution_<N>px/report.html``: the report, also written by
   ``python -m delve report runs/tail_resolution_<N>px``.
 
+and prints the findings of :func:`delve.analysis.diagnose` (also
+``python -m delve diagnose runs/tail_resolution_<N>px``): at 8 px a ``warn``
+that the tail's receptive fields cover the input, with the resolution to
+raise it to, and the probes' verdict on the tail; at 48 px no warning.
+
 A full run takes a few minutes on a laptop CPU.
 
 Run ``python examples/tail_resolution.py`` (``--quick`` for a run of a few seconds).
@@ -32,10 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from delve import SaturationTracker
-from delve.analysis import find_tail
+from delve.analysis import diagnose
 from delve.probes import linear_probes, probes_to_frame
 from delve.receptive_field import save_receptive_fields
-from delve.report import report
+from delve.report import format_findings, report
 
 
 def conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -96,7 +101,7 @@ def run(resolution: int, epochs: int, limit: int, probe_epochs: int) -> str:
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()
     savefile = f"runs/tail_resolution_{resolution}px"
-    with SaturationTracker(savefile, save_to="csv", modules=model) as tracker:
+    with SaturationTracker(savefile, save_to="csv", modules=model, stats=["lsat", "idim"]) as tracker:
         for epoch in range(epochs):
             model.train()
             for images, labels in train_loader:
@@ -106,13 +111,12 @@ def run(resolution: int, epochs: int, limit: int, probe_epochs: int) -> str:
             model.eval()
             tracker.add_scalar("test_accuracy", accuracy(model, test_loader))
             tracker.add_saturations()
-        tail = find_tail(tracker)
-    fields = save_receptive_fields(f"{savefile}/receptive_fields.json", model, (1, resolution, resolution))
+    save_receptive_fields(f"{savefile}/receptive_fields.json", model, (1, resolution, resolution))
     probes = linear_probes(model, train_loader, test_loader, epochs=probe_epochs)
     probes_to_frame(probes).to_csv(f"{savefile}/probes.csv")
-    path = report(savefile)
-    unproductive = [layer["name"] for layer in fields["layers"] if layer["unproductive"]]
-    print(f"{resolution:>2} px: tail {tail or 'none'}; unproductive {unproductive or 'none'}; report {path}")
+    path = report(savefile, model=model, input_size=(1, resolution, resolution))
+    findings = diagnose(savefile, model=model)  # receptive_fields.json and probes.csv come from the run folder
+    print(f"{resolution} px: report {path}\n{format_findings(findings)}\n")
     return path
 
 

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from delve import SaturationTracker
-from delve.analysis import available_modes, csv_path, find_tail, last_epoch, load_run, statistic_table
+from delve.analysis import (
+    available_modes, csv_path, find_tail, last_epoch, layer_table, load_run, statistic_table, tidy_frame,
+)
 
 
 def run_frame(epochs: list, mode: str = "train", names: list = None) -> pd.DataFrame:
@@ -134,3 +136,47 @@ def test_real_tracker_without_a_tail(tmp_path) -> None:
             find_tail(tracker)
         train_epochs(tracker, model, epochs=1)
         assert find_tail(tracker) == []
+
+
+# ------------------------------------------------------------------------ tidy tables
+def test_tidy_frame_turns_every_value_into_one_row() -> None:
+    wide = pd.DataFrame(
+        {"train-saturation_features-0": [0.5, 0.25], "eval-intrinsic-dimensionality_features-0": [3, np.nan],
+         "train-samples_fc": [640, 640], "test_accuracy": [0.9, 0.95], "average-train-sat": [0.4, 0.3]},
+        index=[4, 5],
+    )
+    long = tidy_frame(wide)
+    assert list(long.columns) == ["epoch", "mode", "statistic", "layer", "value"]
+    expected = [
+        (4, "train", "saturation", "features-0", 0.5), (4, "eval", "intrinsic-dimensionality", "features-0", 3.0),
+        (4, "train", "samples", "fc", 640.0), (4, "", "test_accuracy", "", 0.9), (4, "train", "average-sat", "", 0.4),
+        (5, "train", "saturation", "features-0", 0.25), (5, "train", "samples", "fc", 640.0),
+        (5, "", "test_accuracy", "", 0.95), (5, "train", "average-sat", "", 0.3),
+    ]
+    assert [tuple(row) for row in long.itertuples(index=False)] == expected  # NaN (eval did not run) gives no row
+    # Every number of the wide frame is in the long one once: the sums agree.
+    assert long["value"].sum() == pytest.approx(np.nansum(wide.to_numpy(dtype=float)))
+    # A one-row frame of the tracker's last results, arrays (covariances) left out.
+    last = pd.DataFrame([{"train-saturation_fc": 0.5, "train-covariance-matrix_fc": np.eye(2)}], index=[0])
+    assert tidy_frame(last)[["statistic", "value"]].values.tolist() == [["saturation", 0.5]]
+    assert tidy_frame(pd.DataFrame()).empty
+
+
+def test_load_run_tidy_and_layer_table_of_a_real_run(tmp_path) -> None:
+    model = rank_one_tail_model()
+    savefile = str(tmp_path / "run") + "/"  # a trailing separator, as a shell completes the run folder
+    with SaturationTracker(savefile.rstrip("/"), save_to="csv", modules=model, stats=["lsat", "idim"]) as tracker:
+        train_epochs(tracker, model)
+    long = load_run(savefile, tidy=True)
+    assert len(long) == 2 * 6 * 2 and set(long["mode"]) == {"train"}
+    saturation = long[(long.statistic == "saturation") & (long.epoch == 1)].set_index("layer")["value"]
+    assert saturation.to_dict() == {"0": 1.0, "1": 1.0, "2": 1.0, "3": 1 / 16, "4": 1 / 16, "5": 1 / 4}
+    table = layer_table(savefile, model)
+    # Widths of the run (intrinsic dimensionality / saturation) agree with the model's.
+    assert table["width"].tolist() == [16, 16, 16, 16, 16, 4]
+    assert layer_table(savefile)["width"].tolist() == [16, 16, 16, 16, 16, 4]
+    saturation_only = load_run(savefile).filter(like="-saturation_")
+    assert layer_table(saturation_only)["width"].isna().all()
+    assert layer_table(saturation_only, model)["width"].tolist() == [16, 16, 16, 16, 16, 4]
+    assert table["train-intrinsic-dimensionality"].tolist() == [16, 16, 16, 1, 1, 1]
+    assert table["train-samples"].isna().all()  # the run does not record samples

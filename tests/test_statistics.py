@@ -167,7 +167,7 @@ def test_every_writer_takes_the_spectral_statistics(tmp_path):
         assert f"{name}: " in printed
         assert f"{name}=" not in printed  # the console's status line holds user scalars only
     for key in SPECTRAL_KEYS:
-        assert (tmp_path / "run" / f"run_{key}_train_epoch_0.png").is_file(), key
+        assert (tmp_path / "run" / f"run_{key}_epoch_0000.png").is_file(), key
 
 
 @pytest.mark.parametrize("key", ["wandb", "mlflow"])
@@ -244,8 +244,8 @@ def test_registered_statistic_reaches_every_writer_and_the_reconstruction(tmp_pa
             assert tags[f"train-{stat}/{layer}"][0][1] == pytest.approx(results[name], rel=1e-6)
             assert f"{name}: " in printed and f"{name}=" not in printed
             assert parse_stat_name(name).stat in ("top", "meannorm")
-    assert (tmp_path / "run" / "run_top_train_epoch_0.png").is_file()
-    assert (tmp_path / "run" / "run_meannorm_train_epoch_0.png").is_file()
+    assert (tmp_path / "run" / "run_top_epoch_0000.png").is_file()
+    assert (tmp_path / "run" / "run_meannorm_epoch_0000.png").is_file()
 
     # from the saved covariances: what the covariance determines, nothing else
     table = reconstruct_csv_from_npy_data(str(tmp_path / "run"), thresh=0.9, stats=["top"])

@@ -78,9 +78,9 @@ def test_table_plots_and_report_are_artifacts(store, started, tmp_path):
     listed = {entry.path for entry in client.list_artifacts(started.run_id, "delve")}
     assert listed == {"delve/run.csv", "delve/run"}
     figures = {os.path.basename(entry.path) for entry in client.list_artifacts(started.run_id, "delve/run")}
-    expected = {f"run_{stat}_{mode}_epoch_2.png" for stat in ("lsat", "idim", "det") for mode in ("train", "eval")}
-    expected |= {f"run_{stat}_{mode}_evolution.png" for stat in ("lsat", "idim") for mode in ("train", "eval")}
-    expected |= {"run_embed_train_epoch_2.png", "run_embed_eval_epoch_2.png", "report.html"}
+    expected = {f"run_{stat}_epoch_0002.png" for stat in ("lsat", "idim", "det")}
+    expected |= {f"run_{stat}_evolution.png" for stat in ("lsat", "idim")}
+    expected |= {"run_embed_train_epoch_0002.png", "run_embed_eval_epoch_0002.png", "report.html"}
     assert figures == expected
     table = pd.read_csv(client.download_artifacts(started.run_id, "delve/run.csv", str(tmp_path)), sep=";", index_col=0)
     assert list(table.index) == [0, 1, 2]

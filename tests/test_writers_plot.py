@@ -16,7 +16,7 @@ from test_writers_common import run_epochs, tiny_model
 matplotlib = pytest.importorskip("matplotlib", reason="the plot writer needs matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from delve.writers import plotting  # noqa: E402
+from delve.writers import heatmap, plotting  # noqa: E402
 
 LAYERS = ["0", "2", "4"]
 
@@ -25,28 +25,37 @@ LAYERS = ["0", "2", "4"]
 def drawn(monkeypatch):
     """Record what every profile and heatmap showed, read from the axes before they are saved."""
     records = {"profile": [], "evolution": []}
-    draw_profile, draw_evolution = plotting.draw_profile, plotting.draw_evolution
+    draw_profiles, draw_evolution = plotting.draw_profiles, heatmap.draw_evolution
 
-    def profile(ax, labels, values, stat, title, **kwargs):
-        ax = draw_profile(ax, labels, values, stat, title, **kwargs)
+    def profiles(ax, labels, values, stat, title, **kwargs):
+        ax = draw_profiles(ax, labels, values, stat, title, **kwargs)
         records["profile"].append({
             "stat": stat, "title": ax.get_title(), "ylim": ax.get_ylim(), "xlabel": ax.get_xlabel(),
             "ylabel": ax.get_ylabel(), "ticks": [tick.get_text() for tick in ax.get_xticklabels()],
-            "y": np.asarray(ax.lines[0].get_ydata(), dtype=float),
+            "modes": list(values), "legend": [t.get_text() for t in ax.get_legend().get_texts()]
+            if ax.get_legend() else [],
+            "y": {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in ax.lines
+                  if line.get_label() in values},
+            "yticks": list(ax.get_yticks()),
         })
         return ax
 
-    def evolution(figure, layers, epochs, matrix, stat, title, fontsize=12):
-        ax = draw_evolution(figure, layers, epochs, matrix, stat, title, fontsize)
+    def evolution(figure, layers, epochs, matrices, stat, title, widths=None, fontsize=12):
+        axes = draw_evolution(figure, layers, epochs, matrices, stat, title, widths, fontsize)
+        colorbar = figure.axes[-1]
         records["evolution"].append({
-            "stat": stat, "title": ax.get_title(), "layers": [t.get_text() for t in ax.get_yticklabels()],
-            "epochs": list(epochs), "data": np.ma.filled(ax.images[0].get_array().astype(float), np.nan),
-            "clim": ax.images[0].get_clim(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+            "stat": stat, "title": figure.get_suptitle(), "modes": [ax.get_title() for ax in axes],
+            "layers": [t.get_text() for t in axes[0].get_yticklabels()], "epochs": list(epochs),
+            "colour": [np.ma.filled(ax.images[0].get_array().astype(float), np.nan) for ax in axes],
+            "numbers": [[t.get_text() for t in ax.texts] for ax in axes],
+            "clim": [ax.images[0].get_clim() for ax in axes], "xlabel": axes[0].get_xlabel(),
+            "ylabel": axes[0].get_ylabel(), "colorbar_ticks": list(colorbar.get_yticks()),
+            "colorbar_label": colorbar.get_ylabel(),
         })
-        return ax
+        return axes
 
-    monkeypatch.setattr(plotting, "draw_profile", profile)
-    monkeypatch.setattr(plotting, "draw_evolution", evolution)
+    monkeypatch.setattr(plotting, "draw_profiles", profiles)
+    monkeypatch.setattr(heatmap, "draw_evolution", evolution)
     return records
 
 
@@ -55,37 +64,99 @@ def test_plot_writer_files_and_what_they_show(tmp_path, drawn):
     had_pyplot = "matplotlib.pyplot" in sys.modules
     model = tiny_model()
     tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model,
-                                stats=["lsat", "idim", "embed"])
+                                stats=["lsat", "idim", "embed"], writer_args={"plot_every": 1})
     run_epochs(tracker, model, range(2), eval_epochs={1})
     tracker.close()
     assert matplotlib.get_backend() == backend
     if not had_pyplot:
         assert "matplotlib.pyplot" not in sys.modules
 
-    expected = {f"run_{stat}_train_epoch_{epoch}.png" for stat in ("lsat", "idim", "embed") for epoch in (0, 1)}
-    expected |= {f"run_{stat}_eval_epoch_1.png" for stat in ("lsat", "idim", "embed")}
-    expected |= {f"run_{stat}_{mode}_evolution.png" for stat in ("lsat", "idim") for mode in ("train", "eval")}
+    expected = {f"run_{stat}_epoch_{epoch:04d}.png" for stat in ("lsat", "idim") for epoch in (0, 1)}
+    expected |= {"run_embed_train_epoch_0000.png", "run_embed_train_epoch_0001.png", "run_embed_eval_epoch_0001.png"}
+    expected |= {f"run_{stat}_evolution.png" for stat in ("lsat", "idim")}
     assert set(os.listdir(tmp_path / "run")) == expected
     for name in expected:
         image = imread(tmp_path / "run" / name)
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01, name
 
     table = pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0)
-    last = drawn["profile"][-4:]  # epoch 1: lsat/idim for train and eval
-    by_key = {(record["stat"], "eval" if "(eval)" in record["title"] else "train"): record for record in last}
-    for (stat, mode), record in by_key.items():
-        name = "saturation" if stat == "lsat" else "intrinsic-dimensionality"
-        np.testing.assert_allclose(record["y"], table.loc[1, [f"{mode}-{name}_{layer}" for layer in LAYERS]])
-        assert record["ticks"] == LAYERS
-        assert "epoch 1" in record["title"] and record["xlabel"] and record["ylabel"]
-        if stat == "lsat":
-            assert record["ylim"] == (0.0, 1.0)
-    evolution = [record for record in drawn["evolution"] if record["stat"] == "lsat"][-1]
-    assert "(eval)" in evolution["title"] and evolution["clim"] == (0.0, 1.0)
-    assert evolution["layers"] == LAYERS and evolution["epochs"] == [0, 1]
-    expected_data = table[[f"eval-saturation_{layer}" for layer in LAYERS]].to_numpy().T
-    np.testing.assert_allclose(evolution["data"], expected_data)  # NaN where eval did not run
-    assert evolution["xlabel"] == "epoch" and evolution["ylabel"]
+    names = {"lsat": "saturation", "idim": "intrinsic-dimensionality"}
+    first, *_, last = drawn["profile"]
+    assert first["modes"] == ["train"] and len(first["legend"]) == 1  # epoch 0: no eval ran, the mean is marked
+    assert first["legend"][0].startswith("mean over layers")
+    for record in drawn["profile"][-2:]:  # epoch 1: train and eval on the same axes
+        assert record["modes"] == ["train", "eval"] and record["legend"] == ["train", "eval"]
+        for mode in ("train", "eval"):
+            columns = [f"{mode}-{names[record['stat']]}_{layer}" for layer in LAYERS]
+            np.testing.assert_allclose(record["y"][mode], table.loc[1, columns])
+        assert record["ticks"] == LAYERS and "epoch 1" in record["title"] and record["xlabel"] and record["ylabel"]
+    assert [r["ylim"] for r in drawn["profile"] if r["stat"] == "lsat"] == [(0.0, 1.0)] * 2
+    assert all(float(tick).is_integer() for tick in last["yticks"]) and last["stat"] == "idim"
+
+    by_stat = {record["stat"]: record for record in drawn["evolution"][-2:]}
+    lsat, idim = by_stat["lsat"], by_stat["idim"]
+    for record in (lsat, idim):  # train and eval side by side, on one colour scale
+        assert record["modes"] == ["train", "eval"] and record["epochs"] == [0, 1]
+        assert record["clim"] == [(0.0, 1.0), (0.0, 1.0)] and record["xlabel"] == "epoch" and record["ylabel"]
+    for colour, mode in zip(lsat["colour"], ("train", "eval")):
+        expected_data = table[[f"{mode}-saturation_{layer}" for layer in LAYERS]].to_numpy().T
+        np.testing.assert_allclose(colour, expected_data)  # NaN where eval did not run
+    # Intrinsic dimensionality: colour relative to each layer's width (8, 5, 3), the numbers in dimensions.
+    assert lsat["layers"] == LAYERS and idim["layers"] == ["0 (8)", "2 (5)", "4 (3)"]
+    train_idim = table[[f"train-intrinsic-dimensionality_{layer}" for layer in LAYERS]].to_numpy().T
+    np.testing.assert_allclose(idim["colour"][0], train_idim / np.array([[8], [5], [3]]))
+    assert idim["numbers"][0] == [f"{value:.0f}" for value in train_idim.ravel()]
+    assert "share of" in idim["colorbar_label"] and "numbers: dimensions" in idim["title"]
+
+
+def test_default_draws_at_close_every_tenth_epoch_and_names_sort_by_epoch(tmp_path, drawn):
+    model = tiny_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, stats=["lsat"])
+    run_epochs(tracker, model, range(3))
+    assert not (tmp_path / "run").exists() or os.listdir(tmp_path / "run") == []  # nothing drawn before close
+    tracker.close()
+    assert sorted(os.listdir(tmp_path / "run")) == ["run_lsat_epoch_0002.png", "run_lsat_evolution.png"]
+    tracker.close()
+    assert len(drawn["evolution"]) == 1  # a second close draws nothing
+
+    tracker = SaturationTracker(str(tmp_path / "long"), save_to="plot", modules=model, stats=["lsat"])
+    run_epochs(tracker, model, range(12))
+    assert sorted(os.listdir(tmp_path / "long")) == ["long_lsat_epoch_0009.png", "long_lsat_evolution.png"]
+    tracker.close()
+    assert sorted(os.listdir(tmp_path / "long")) == [
+        "long_lsat_epoch_0009.png", "long_lsat_epoch_0011.png", "long_lsat_evolution.png"]
+    assert drawn["evolution"][-1]["epochs"] == list(range(12))
+
+    tracker = SaturationTracker(str(tmp_path / "every"), save_to="plot", modules=model, stats=["lsat"],
+                                writer_args={"plot_every": 1})
+    run_epochs(tracker, model, range(11))
+    tracker.close()
+    files = sorted(name for name in os.listdir(tmp_path / "every") if "_epoch_" in name)
+    assert [int(name.rsplit("_", 1)[1][:-4]) for name in files] == list(range(11))  # 10 sorts after 9
+
+
+def test_integer_colour_scale_when_widths_are_unknown(tmp_path, drawn):
+    from delve.writers import CSVandPlottingWriter
+
+    with CSVandPlottingWriter(str(tmp_path / "run")) as writer:
+        for epoch, values in enumerate([(3, 12), (4, 9)]):
+            writer.add_scalars("", {"train-intrinsic-dimensionality_a": values[0],
+                                    "eval-intrinsic-dimensionality_a": values[1] - 1,
+                                    "train-intrinsic-dimensionality_b": values[1]})
+            writer.save()
+    record = drawn["evolution"][-1]
+    assert record["layers"] == ["a", "b"]  # no width: one absolute scale for train and eval
+    assert record["clim"] == [(0.0, 12.0), (0.0, 12.0)]
+    assert all(float(tick).is_integer() for tick in record["colorbar_ticks"])
+    assert record["numbers"][0] == ["3", "4", "12", "9"] and record["numbers"][1] == ["11", "8"]
+
+
+def test_bad_plot_every_is_refused_at_construction(tmp_path):
+    from delve.writers import CSVandPlottingWriter
+
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="plot_every"):
+            CSVandPlottingWriter(str(tmp_path / "run"), plot_every=bad)
 
 
 class _LongNames(nn.Module):
@@ -118,20 +189,22 @@ def test_long_layer_names_stay_whole_and_options_apply(tmp_path, drawn):
 
 def test_plot_writer_resume_continues_numbering_and_history(tmp_path, drawn):
     model = tiny_model()
-    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model)
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, writer_args={"plot_every": 1})
     run_epochs(tracker, model, range(4))
     tracker.close()
-    assert (tmp_path / "run" / "run_lsat_train_epoch_3.png").exists()
-    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, initial_epoch=2)
+    assert (tmp_path / "run" / "run_lsat_epoch_0003.png").exists()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, initial_epoch=2,
+                                writer_args={"plot_every": 1})
     run_epochs(tracker, model, range(2, 3), seed=9)
     tracker.close()
     table = pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0)
     assert list(table.index) == [0, 1, 2]
     assert sorted(name for name in os.listdir(tmp_path / "run") if "epoch" in name) == [
-        f"run_lsat_train_epoch_{epoch}.png" for epoch in range(3)]
+        f"run_lsat_epoch_{epoch:04d}.png" for epoch in range(3)]
     evolution = drawn["evolution"][-1]
     assert evolution["epochs"] == [0, 1, 2]
-    np.testing.assert_allclose(evolution["data"], table[[f"train-saturation_{l}" for l in LAYERS]].to_numpy().T)
+    np.testing.assert_allclose(evolution["colour"][0],
+                               table[[f"train-saturation_{l}" for l in LAYERS]].to_numpy().T)
 
 
 # ------------------------------------------------------------- 0.1.50 helpers
@@ -200,21 +273,21 @@ def test_plot_scatter_from_results(tmp_path):
 def test_sample_values_of_0150_add_scalars(tmp_path):
     from delve.writers import CSVandPlottingWriter
 
-    writer = CSVandPlottingWriter(str(tmp_path / "run"))
+    writer = CSVandPlottingWriter(str(tmp_path / "run"), plot_every=1)
     points = np.random.default_rng(1).normal(size=(25, 2))
     writer.add_scalars("", {"train-saturation_a": 0.5}, {"train-embedded-sample_a": points})
     writer.save()
     assert sorted(os.listdir(tmp_path / "run")) == [
-        "run_embed_train_epoch_0.png", "run_lsat_train_epoch_0.png", "run_lsat_train_evolution.png"]
+        "run_embed_train_epoch_0000.png", "run_lsat_epoch_0000.png", "run_lsat_evolution.png"]
     assert list(pd.read_csv(tmp_path / "run.csv", sep=";", index_col=0).columns) == ["train-saturation_a"]
 
 
 def test_infinite_and_missing_values_never_break_a_figure(tmp_path, drawn):
     from delve.writers import CSVandPlottingWriter
 
-    writer = CSVandPlottingWriter(str(tmp_path / "run"))
+    writer = CSVandPlottingWriter(str(tmp_path / "run"), plot_every=1)
     writer.add_scalars("", {"train-covariance-determinant_a": np.inf, "train-covariance-determinant_b": 2.0,
                             "train-covariance-determinant_c": np.nan, "eval-covariance-determinant_a": np.nan})
     writer.save()
-    assert os.listdir(tmp_path / "run") == ["run_det_train_epoch_0.png"]
+    assert os.listdir(tmp_path / "run") == ["run_det_epoch_0000.png"]
     assert drawn["profile"][0]["ylim"] == (0.0, pytest.approx(2.16))

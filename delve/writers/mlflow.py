@@ -284,7 +284,7 @@ class MLflowWriter(ExperimentWriter):
         with tempfile.TemporaryDirectory(prefix="delve-mlflow-") as scratch:
             replay = os.path.join(scratch, self.name)
             shutil.copyfile(table_path, replay + ".csv")
-            plots = CSVandPlottingWriter(replay)
+            plots = CSVandPlottingWriter(replay, plot_every=1)
             plots.resume_from_saved_state(step)
             plots.add_scalars("", {**self.history[step], **self._samples})
             plots.save()

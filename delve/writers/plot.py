@@ -1,17 +1,24 @@
 """CSV plus plots (writer keys ``plot``, ``plotcsv``, ``csvplot``, ``csvplotting``).
 
-Besides ``<savefile>.csv`` (see :class:`~delve.writers.CSVWriter`), every
-:meth:`~CSVandPlottingWriter.save` writes PNGs into the run folder
-``<savefile>/``, named after the run ``<run>`` = ``basename(savefile)``:
+Besides ``<savefile>.csv`` (see :class:`~delve.writers.CSVWriter`), the writer
+puts PNGs into the run folder ``<savefile>/``, named after the run ``<run>`` =
+``basename(savefile)``, with the epoch zero-padded to four digits so that the
+files sort in epoch order:
 
-- ``<run>_<stat>_<mode>_epoch_<k>.png``: the statistic per layer, in forward
-  order, for epoch ``k`` (the 0.1.50 file name, now inside the run folder);
-- ``<run>_<stat>_<mode>_evolution.png``: a layers-by-epochs heatmap of the
-  statistic over the whole run so far (saturation and intrinsic dimensionality);
-- ``<run>_embed_<mode>_epoch_<k>.png``: the embedded samples of each layer
-  (statistic ``embed``) on their top two principal directions.
+- ``<run>_<stat>_evolution.png``: layers-by-epochs heatmaps of saturation and
+  intrinsic dimensionality over the run, train and eval side by side on one
+  colour scale;
+- ``<run>_<stat>_epoch_<kkkk>.png``: the statistic per layer, in forward
+  order, at epoch ``k``, train and eval on the same axes;
+- ``<run>_embed_<mode>_epoch_<kkkk>.png``: the embedded samples of each layer
+  (statistic ``embed``) on their top two principal directions; train and eval
+  stay apart, since each mode has its own directions.
 
-A mode that did not run in an epoch gets no figure for it. Figures never go
+A figure costs about as much as a small model's epoch, so the writer draws
+every ``plot_every`` epochs (default 10) and, when it closes, the last epoch
+and the heatmaps if they are not drawn yet: a short run gets its figures once,
+at the end. ``plot_every=1`` draws every epoch, as delve 0.1.50 did. A mode that
+did not run in an epoch is left out of that epoch's figure. Figures never go
 through pyplot: the user's backend and open figures are left alone.
 """
 from __future__ import annotations
@@ -49,16 +56,22 @@ class CSVandPlottingWriter(CSVWriter):
     figsize : tuple of float, optional
         Size of the per-layer figures in inches; by default it grows with the
         number of layers and the length of their names.
+    plot_every : int, optional
+        Draw the figures every this many epochs (default 10; 1 for every
+        epoch); ``None`` draws them only when the writer closes. Closing
+        always draws what is not drawn yet.
 
     Examples
     --------
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as folder:
-    ...     writer = CSVandPlottingWriter(os.path.join(folder, "run"))
-    ...     writer.add_scalars("", {"train-saturation_fc1": 0.5, "train-saturation_fc2": 0.25}, global_step=0)
-    ...     writer.save()
-    ...     sorted(os.listdir(os.path.join(folder, "run")))
-    ['run_lsat_train_epoch_0.png', 'run_lsat_train_evolution.png']
+    ...     with CSVandPlottingWriter(os.path.join(folder, "run")) as writer:
+    ...         writer.add_scalars("", {"train-saturation_fc1": 0.5, "eval-saturation_fc1": 0.25}, global_step=0)
+    ...         writer.save()
+    ...         writer.add_scalars("", {"train-saturation_fc1": 0.4}, global_step=1)
+    ...         writer.save()
+    ...     sorted(os.listdir(os.path.join(folder, "run")))  # drawn at close: the last epoch and the heatmap
+    ['run_lsat_epoch_0001.png', 'run_lsat_evolution.png']
     """
 
     def __init__(
@@ -68,12 +81,15 @@ class CSVandPlottingWriter(CSVWriter):
         primary_metric: Optional[str] = None,
         fontsize: float = 16,
         figsize: Optional[Tuple[float, float]] = None,
+        plot_every: Optional[int] = 10,
         **kwargs: Any,
     ) -> None:
         if plot_manipulation_func is not None and not callable(plot_manipulation_func):
             raise ValueError(
                 f"plot_manipulation_func must be a function from Axes to Axes, got {plot_manipulation_func!r}"
             )
+        if plot_every is not None and (isinstance(plot_every, bool) or not isinstance(plot_every, int) or plot_every < 1):
+            raise ValueError(f"plot_every must be None or an int >= 1 (1 draws every epoch), got {plot_every!r}")
         import matplotlib  # noqa: F401  (checked here so the error comes at construction)
 
         super().__init__(savepath, **kwargs)
@@ -83,7 +99,10 @@ class CSVandPlottingWriter(CSVWriter):
         self.primary_metric = primary_metric
         self.fontsize = fontsize
         self.figsize = figsize
+        self.plot_every = plot_every
         self.samples: Dict[str, Any] = {}
+        self._pending: Optional[Tuple[int, Dict[str, Any], Dict[str, Any]]] = None
+        self._evolution_stale = False
 
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         """Keep a number for the CSV and the plots, or an embedding for its scatter plot."""
@@ -108,11 +127,12 @@ class CSVandPlottingWriter(CSVWriter):
         super().resume_from_saved_state(initial_epoch)
         if not os.path.isdir(self.folder):
             return
-        pattern = re.compile(rf"^{re.escape(self.run_name)}_[a-z]+_(train|eval)_epoch_(\d+)\.png$")
+        pattern = re.compile(rf"^{re.escape(self.run_name)}_[a-z][a-z0-9]*(_train|_eval)?_epoch_(\d+)\.png$")
         for file_name in os.listdir(self.folder):
             match = pattern.match(file_name)
             if match and int(match.group(2)) >= initial_epoch:
                 os.unlink(os.path.join(self.folder, file_name))
+        self._pending, self._evolution_stale = None, bool(self.rows)
 
     def add_sample_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         """Keep an ``(n, 2)`` array of embedded samples for this epoch's scatter plot (0.1.50 API)."""
@@ -131,61 +151,83 @@ class CSVandPlottingWriter(CSVWriter):
         for name, value in (sample_value_dict or {}).items():
             self.add_sample_scalar(prefix + name, value)
 
-    def _path(self, stat: str, mode: str, suffix: str) -> str:
-        return os.path.join(self.folder, f"{self.run_name}_{stat}_{mode}_{suffix}.png")
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.folder, "_".join((self.run_name, *parts)) + ".png")
 
     def save(self) -> None:
-        """Append the epoch's CSV row, then draw this epoch's figures."""
-        from delve.writers import plotting
-
+        """Append the epoch's CSV row; draw the figures if the epoch is a multiple of ``plot_every``."""
         epoch, row = self.epoch, dict(self.current)
         samples, self.samples = self.samples, {}
         super().save()
-        os.makedirs(self.folder, exist_ok=True)
-        for (stat, mode), per_layer in plotting.group_by_stat(row).items():
-            values = np.asarray([_to_float(value) for value in per_layer.values()])
-            if not np.isfinite(values).any():
-                continue
-            self._plot_profile(stat, mode, epoch, list(per_layer), values, row)
-            if stat in EVOLUTION_STATS:
-                self._plot_evolution(stat, mode)
-        for mode, per_layer in _embeddings_by_mode(samples).items():
-            figure = plotting.new_figure(6.4, 4.8)
-            title = f"{self.run_name}: embedded samples ({mode}), epoch {epoch}"
-            plotting.draw_embedding(figure, per_layer, title, color=plotting.MODE_COLORS[mode])
-            plotting.save_figure(figure, self._path("embed", mode, f"epoch_{epoch}"))
+        self._pending, self._evolution_stale = (epoch, row, samples), True
+        if self.plot_every is not None and (epoch + 1) % self.plot_every == 0:
+            self.draw()
 
-    def _plot_profile(self, stat: str, mode: str, epoch: int, layers: list, values: np.ndarray,
+    def draw(self) -> None:
+        """Draw the last saved epoch's figures and the heatmaps now, unless they are drawn already."""
+        from delve.writers import plotting
+
+        os.makedirs(self.folder, exist_ok=True)
+        if self._pending is not None:
+            (epoch, row, samples), self._pending = self._pending, None
+            for stat, per_mode in _by_stat(plotting.group_by_stat(row)).items():
+                self._plot_profile(stat, epoch, per_mode, row)
+            for mode, per_layer in _embeddings_by_mode(samples).items():
+                figure = plotting.new_figure(6.4, 4.8)
+                title = f"{self.run_name}: embedded samples ({mode}), epoch {epoch}"
+                plotting.draw_embedding(figure, per_layer, title, color=plotting.MODE_COLORS[mode])
+                plotting.save_figure(figure, self._path("embed", mode, "epoch", f"{epoch:04d}"))
+        if self._evolution_stale:
+            self._plot_evolutions()
+
+    def close(self) -> None:
+        """Draw what is not drawn yet; a second call does nothing."""
+        if self._pending is not None or self._evolution_stale:
+            self.draw()
+        super().close()
+
+    def _plot_profile(self, stat: str, epoch: int, per_mode: Mapping[str, Mapping[str, float]],
                       row: Mapping[str, Any]) -> None:
         from delve.writers import plotting
 
+        layers = list(dict.fromkeys(layer for values in per_mode.values() for layer in values))
+        values = {mode: [values.get(layer, math.nan) for layer in layers] for mode, values in per_mode.items()}
         figure = plotting.new_figure(*plotting.profile_size(layers, self.figsize))
         ax = figure.add_subplot(1, 1, 1)
-        title = f"{self.run_name}: {plotting.stat_label(stat)} per layer ({mode}), epoch {epoch}"
+        title = f"{self.run_name}: {plotting.stat_label(stat)} per layer, epoch {epoch}"
         metric = row.get(self.primary_metric) if self.primary_metric else None
         if metric is not None:
             title += f" ({self.primary_metric} {plotting.metric_text(metric)})"
-        plotting.draw_profile(ax, layers, values, stat, title, fontsize=self.fontsize,
-                              ylim=(0.0, 1.0) if stat == "lsat" else None,
-                              color_line=plotting.MODE_COLORS[mode], mean_line=stat == "lsat" and len(layers) > 1)
+        plotting.draw_profiles(ax, layers, values, stat, title, fontsize=self.fontsize,
+                               ylim=(0.0, 1.0) if stat == "lsat" else None)
         if self.plot_man_func is not None:
             ax = self.plot_man_func(ax) or ax
-        plotting.save_figure(ax.figure, self._path(stat, mode, f"epoch_{epoch}"))
+        plotting.save_figure(ax.figure, self._path(stat, "epoch", f"{epoch:04d}"))
 
-    def _plot_evolution(self, stat: str, mode: str) -> None:
-        from delve.writers import plotting
+    def _plot_evolutions(self) -> None:
+        from delve.writers import heatmap, plotting
 
-        columns = [column for column in self.columns
-                   if (parsed := parse_stat_name(column)) and (parsed.stat, parsed.mode) == (stat, mode)]
-        layers = [column.partition("_")[2] for column in columns]
+        self._evolution_stale = False
         epochs = [epoch for epoch, _ in self.rows]
-        matrix = np.array([[_to_float(values.get(column, math.nan)) for _, values in self.rows]
-                           for column in columns]).reshape(len(columns), len(epochs))
-        figure = plotting.new_figure(*plotting.evolution_size(layers, epochs))
-        plotting.draw_evolution(figure, layers, epochs, matrix, stat,
-                                f"{self.run_name}: {plotting.stat_label(stat)} over training ({mode})",
-                                fontsize=self.fontsize)
-        plotting.save_figure(figure, self._path(stat, mode, "evolution"))
+        tables: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
+        for column in self.columns:
+            parsed = parse_stat_name(column)
+            if parsed is not None and parsed.stat in EVOLUTION_STATS:
+                series = np.array([_to_float(values.get(column, math.nan)) for _, values in self.rows])
+                tables.setdefault(parsed.stat, {}).setdefault(parsed.mode, {})[parsed.layer] = series
+        for stat, per_mode in tables.items():
+            layers = list(dict.fromkeys(layer for values in per_mode.values() for layer in values))
+            matrices = {mode: np.array([values.get(layer, np.full(len(epochs), math.nan)) for layer in layers])
+                        for mode, values in per_mode.items()}
+            if not any(np.isfinite(matrix).any() for matrix in matrices.values()):
+                continue
+            widths = _widths(tables, layers) if stat == "idim" else None
+            figure = plotting.new_figure(*heatmap.evolution_size(layers, epochs, len(matrices)),
+                                         layout="constrained")
+            heatmap.draw_evolution(figure, layers, epochs, matrices, stat,
+                                    f"{self.run_name}: {plotting.stat_label(stat)} over training",
+                                    widths=widths, fontsize=self.fontsize)
+            plotting.save_figure(figure, self._path(stat, "evolution"))
 
 
 def _to_float(value: Any) -> float:
@@ -202,3 +244,26 @@ def _embeddings_by_mode(samples: Mapping[str, np.ndarray]) -> Dict[str, Dict[str
         if parsed is not None and points.ndim == 2 and len(points):
             grouped.setdefault(parsed.mode, {})[parsed.layer] = points
     return grouped
+
+
+def _by_stat(grouped: Mapping[Tuple[str, str], Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{stat: {mode: {layer: value}}}`` from :func:`~delve.writers.plotting.group_by_stat`, modes with data only."""
+    result: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for (stat, mode), per_layer in grouped.items():
+        values = {layer: _to_float(value) for layer, value in per_layer.items()}
+        if stat != "embed" and np.isfinite(list(values.values())).any():
+            result.setdefault(stat, {})[mode] = values
+    return result
+
+
+def _widths(tables: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], layers: list) -> Optional[list]:
+    """Each layer's width, intrinsic dimensionality over saturation (both logged), or ``None`` if one is unknown."""
+    widths = []
+    for layer in layers:
+        ratios = [idim / sat for mode, values in tables.get("idim", {}).items()
+                  for idim, sat in zip(values.get(layer, ()), tables.get("lsat", {}).get(mode, {}).get(layer, ()))
+                  if np.isfinite(idim) and np.isfinite(sat) and sat > 0]
+        if not ratios:
+            return None
+        widths.append(float(round(ratios[-1])))
+    return widths

@@ -23,7 +23,7 @@ from delve.writers._files import atomic_write_bytes
 from delve.writers.base import STATMAP, parse_stat_name
 
 #: Colour of each mode in every figure.
-MODE_COLORS = {"train": "#1f77b4", "eval": "#d62728"}
+MODE_COLORS = {"train": "#1f77b4", "eval": "#2ca02c"}
 _AXIS_LABELS = {
     "lsat": "saturation",
     "idim": "intrinsic dimensionality",
@@ -51,7 +51,7 @@ def new_figure(width: float, height: float, layout: Optional[str] = None) -> Any
 def png_bytes(figure: Any) -> bytes:
     """``figure`` as PNG bytes, cut to its content."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
@@ -69,7 +69,8 @@ def stat_label(stat: str) -> str:
     return _AXIS_LABELS.get(stat, STATMAP.get(stat, stat))
 
 
-def _tick_fontsize(count: int, fontsize: float) -> float:
+def tick_fontsize(count: int, fontsize: float) -> float:
+    """Size of tick labels: smaller with more of them."""
     return max(6.0, min(fontsize * 0.8, 11.0 - count / 10.0))
 
 
@@ -116,7 +117,7 @@ def draw_profile(
         ax.axhline(mean, color="0.35", linestyle="--", linewidth=1, zorder=1, label=f"mean over layers {mean:.2f}")
         ax.legend(loc="best", fontsize=fontsize * 0.75, framealpha=0.8)
     ax.set_xticks(positions)
-    tick_size = _tick_fontsize(len(labels), fontsize)
+    tick_size = tick_fontsize(len(labels), fontsize)
     width_inches = ax.figure.get_size_inches()[0] * 0.8
     fits = max((len(label) for label in labels), default=0) * tick_size * 0.011 * len(labels) < width_inches
     if fits:
@@ -142,53 +143,52 @@ def draw_profile(
     return ax
 
 
-def draw_evolution(
-    figure: Any,
-    layers: Sequence[str],
-    epochs: Sequence[int],
-    matrix: np.ndarray,
+def draw_profiles(
+    ax: Any,
+    labels: Sequence[str],
+    values: Mapping[str, Sequence[float]],
     stat: str,
     title: str,
+    *,
     fontsize: float = 12,
+    ylim: Optional[Tuple[float, float]] = (0.0, 1.0),
 ) -> Any:
-    """Draw a layers-by-epochs heatmap of one statistic on ``figure`` and return its axes."""
-    from matplotlib import colormaps
+    """Draw one statistic per layer for several modes (``{'train': values, 'eval': values}``) on one axes.
 
-    ax = figure.add_subplot(1, 1, 1)
-    data = np.ma.masked_invalid(np.asarray(matrix, dtype=np.float64))
-    cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
-    bounds = (0.0, 1.0) if stat == "lsat" else (None, None)
-    image = ax.imshow(
-        data, aspect="auto", cmap=cmap, vmin=bounds[0], vmax=bounds[1], interpolation="nearest", origin="upper"
-    )
-    colorbar = figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    colorbar.set_label(stat_label(stat), fontsize=fontsize)
-    ax.set_yticks(np.arange(len(layers)))
-    ax.set_yticklabels(layers, fontsize=_tick_fontsize(len(layers), fontsize))
-    step = max(1, math.ceil(len(epochs) / 20))
-    ticks = np.arange(0, len(epochs), step)
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(epochs[i]) for i in ticks], fontsize=fontsize * 0.8)
-    ax.set_xlabel("epoch", fontsize=fontsize)
-    ax.set_ylabel("layer (forward order)", fontsize=fontsize)
-    ax.set_title(title, fontsize=fontsize * 1.1)
-    if len(epochs) <= 12 and len(layers) <= 30:
-        low, high = (0.0, 1.0) if stat == "lsat" else (float(data.min()), float(data.max()))
-        for row in range(data.shape[0]):
-            for column in range(data.shape[1]):
-                value = data[row, column]
-                if value is np.ma.masked:
-                    continue
-                share = 0.5 if high <= low else (value - low) / (high - low)
-                text = f"{value:.2f}" if stat == "lsat" else f"{value:.3g}"
-                ax.text(column, row, text, ha="center", va="center", fontsize=fontsize * 0.65,
-                        color="black" if share > 0.6 else "white")
+    Each mode gets its colour (:data:`MODE_COLORS`) and a legend entry; with a
+    single mode a dashed line marks the mean over layers of saturation.
+    """
+    modes = list(values)
+    for index, mode in enumerate(modes):
+        numbers = np.asarray(values[mode], dtype=np.float64)
+        if index == 0:
+            draw_profile(ax, labels, numbers, stat, title, fontsize=fontsize, ylim=ylim,
+                         color_line=MODE_COLORS.get(mode), mean_line=len(modes) == 1 and stat == "lsat"
+                         and len(labels) > 1)
+        else:
+            positions = np.arange(len(labels))
+            ax.plot(positions, numbers, alpha=0.6, color=MODE_COLORS.get(mode), linewidth=1.8, zorder=2, label=mode)
+            ax.scatter(positions, numbers, color=MODE_COLORS.get(mode), s=36, zorder=3, clip_on=False,
+                       marker="s")
+            if ylim is None:
+                finite = np.concatenate([np.asarray(v, dtype=np.float64) for v in values.values()])
+                finite = finite[np.isfinite(finite)]
+                if len(finite) and finite.min() >= 0:
+                    ax.set_ylim(0, max(float(finite.max()) * 1.08, 1e-12))
+    if all(is_integral(np.asarray(v, dtype=np.float64)) for v in values.values()):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(modes) > 1:
+        ax.lines[0].set_label(modes[0])
+        ax.legend(loc="best", fontsize=fontsize * 0.75, framealpha=0.8)
     return ax
 
 
-def evolution_size(layers: Sequence[str], epochs: Sequence[int]) -> Tuple[float, float]:
-    """Figure size of a heatmap: taller with more layers, wider with more epochs."""
-    return min(max(6.4, 0.3 * len(epochs) + 4.5), 16.0), min(max(3.2, 0.32 * len(layers) + 1.6), 40.0)
+def is_integral(values: np.ndarray) -> bool:
+    """Whether every finite value is a whole number (and there is one)."""
+    finite = values[np.isfinite(values)]
+    return bool(len(finite)) and bool(np.all(finite == np.round(finite)))
 
 
 def wrap_name(name: str, width: int) -> str:
