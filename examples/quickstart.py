@@ -57,7 +57,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
-    with SaturationTracker("runs/quickstart", save_to="plotcsv", modules=model, stats=["lsat", "idim", "samples"]) as tracker:
+    stats = ["lsat", "idim", "samples"]
+    with SaturationTracker("runs/quickstart", save_to="plotcsv", modules=model, stats=stats) as tracker:
         for epoch in range(epochs):
             model.train()
             for images, labels in train_loader:
