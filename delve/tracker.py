@@ -208,6 +208,13 @@ class SaturationTracker(TrackerCompat):
         called with an ``attention_mask`` keyword of shape ``(batch, seq)``, the
         outputs of token-shaped layers keep only the positions where the mask
         is set; :meth:`padding_mask` passes a mask by hand.
+    process_group : ProcessGroup or DeviceMesh, optional
+        Under ``torch.distributed``, the ranks whose statistics are merged
+        (its rank 0 writes): ``None`` (default) for every rank, a
+        ``ProcessGroup``, or a ``DeviceMesh`` (all of its ranks: pass the whole
+        data x tensor mesh). Name it when not every rank tracks this model
+        (one tracker per pipeline stage); data-, tensor- and sequence-parallel
+        ranks need nothing (see the "Distributed training" page of the docs).
 
     Examples
     --------
@@ -247,6 +254,7 @@ class SaturationTracker(TrackerCompat):
         memory_budget: Optional[int] = 2**30,
         blocks: BlockTypes = None,
         mask_padding: bool = True,
+        process_group: Any = None,
     ) -> None:
         self._closed = True  # until construction succeeds
         # Nothing is written with nosave=True, so an empty savefile is harmless there (callbacks probe with it).
@@ -283,6 +291,7 @@ class SaturationTracker(TrackerCompat):
         self.nosave = nosave
         self.verbose = verbose
         self.device = _resolve_device(device)
+        self.process_group = distributed.resolve_group(process_group)
         self.epoch = self.initial_epoch
         self.last_results: Dict[str, Any] = {}
         self._context = RecordingContext(
@@ -300,7 +309,7 @@ class SaturationTracker(TrackerCompat):
         self._skipped_reported: Dict[str, int] = {}
         self._warned_few_samples: set = set()
 
-        writes_files = distributed.is_main_process()
+        writes_files = distributed.is_main_process(self.process_group)
         self.writer: AbstractWriter = self._build_writer(save_to, writer_args, writes_files)
         roots = [unwrap(entry) for entry in ([modules] if isinstance(modules, nn.Module) else modules)]
         self._handle = HookHandle(
@@ -476,7 +485,9 @@ class SaturationTracker(TrackerCompat):
             for name, recorder in self._recorders.items()
             for mode, state in recorder.modes.items()
         }
-        return distributed.sync_accumulators(local)
+        row_meshes = {name: recorder.row_mesh for name, recorder in self._recorders.items() if recorder.row_mesh}
+        distributed.check_row_meshes(row_meshes, self.process_group)
+        return distributed.sync_accumulators(local, self.process_group)
 
     def _requested(self) -> List[statistics.Statistic]:
         entries = [statistics.get_statistic(key) for key in self.stats]
@@ -565,7 +576,7 @@ class SaturationTracker(TrackerCompat):
             unit="layer",
             delay=PROGRESS_DELAY_S,
             leave=False,
-            disable=not distributed.is_main_process(),
+            disable=not distributed.is_main_process(self.process_group),
         ) as progress:
             for covariance in covariances:
                 yield metrics.eigenvalues(covariance)
@@ -639,11 +650,11 @@ class SaturationTracker(TrackerCompat):
         """
         self._check_open("add_saturations()")
         results = self.compute()
-        self.writer = distributed.writer_for_rank(self.writer)
+        self.writer = distributed.writer_for_rank(self.writer, self.process_group)
         self._warn_skipped_batches()
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)
-        if self.verbose and distributed.is_main_process():
+        if self.verbose and distributed.is_main_process(self.process_group):
             self._print_saturations(results)
         self.last_results = results
         self._epoch_dirty = True
