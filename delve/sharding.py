@@ -156,6 +156,11 @@ def _row_shards(tensor: Any, mask: Optional[torch.Tensor]) -> LocalOutput:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh, last = tensor.device_mesh, tensor.ndim - 1
+    features_sharded = [placement.is_shard() and placement.dim % tensor.ndim == last for placement in tensor.placements]
+    if mesh.device_type == "cpu" and any(features_sharded):
+        # gloo has no all-to-all: gather the features first (torch would do the same, with a warning per process)
+        gathered = [Replicate() if sharded else placement for placement, sharded in zip(tensor.placements, features_sharded)]
+        tensor = tensor.redistribute(mesh, gathered)
     placements = tuple(
         placement if placement.is_shard() and placement.dim % tensor.ndim < last else Shard(0)
         for placement in tensor.placements
