@@ -98,7 +98,7 @@ class LocalOutput:
         return local_rows if self.group_rows is None else self.group_rows
 
     def share(self, keep: int, local_rows: int) -> int:
-        """Rows of its ``local_rows`` this rank keeps when the mesh keeps ``keep`` more; the shares sum to at most ``keep``."""
+        """Rows of its ``local_rows`` this rank keeps when the mesh keeps ``keep`` more (in all, at most ``keep``)."""
         return keep if self.group_rows is None else keep * local_rows // self.group_rows
 
 
@@ -159,7 +159,7 @@ def _row_shards(tensor: Any, mask: Optional[torch.Tensor]) -> LocalOutput:
     features_sharded = [placement.is_shard() and placement.dim % tensor.ndim == last for placement in tensor.placements]
     if mesh.device_type == "cpu" and any(features_sharded):
         # gloo has no all-to-all: gather the features first (torch would do the same, with a warning per process)
-        gathered = [Replicate() if sharded else placement for placement, sharded in zip(tensor.placements, features_sharded)]
+        gathered = [Replicate() if sharded else kept for kept, sharded in zip(tensor.placements, features_sharded)]
         tensor = tensor.redistribute(mesh, gathered)
     placements = tuple(
         placement if placement.is_shard() and placement.dim % tensor.ndim < last else Shard(0)
@@ -205,10 +205,8 @@ def _from_feature_shard(module: nn.Module, tensor: Any, dtensor: type) -> Any:
 
         shape = torch.Size((*tensor.shape[:-1], weight.shape[out_dim]))
         stride = tuple(math.prod(shape[index + 1 :]) for index in range(len(shape)))
-        output_placements = [Shard(tensor.ndim - 1) if placement.is_shard() else Replicate() for placement in placements]
-        return dtensor.from_local(
-            tensor, weight.device_mesh, output_placements, run_check=False, shape=shape, stride=stride
-        )
+        features = [Shard(tensor.ndim - 1) if placement.is_shard() else Replicate() for placement in placements]
+        return dtensor.from_local(tensor, weight.device_mesh, features, run_check=False, shape=shape, stride=stride)
     raise ShardingError(
         f"its weight is a DTensor placed as {tuple(placements)} on {weight.device_mesh}, but its forward returns a "
         f"plain tensor of {width} features, so delve cannot tell what each rank holds (a row-parallel layer's "
