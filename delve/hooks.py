@@ -23,6 +23,10 @@ and never held against the layer: the recomputation of
 forward), ``torch.jit.trace``, and ``torch.func`` transforms (``vmap``,
 ``grad``, ``jacrev``). A layer is given up only after
 :data:`MAX_CONSECUTIVE_FAILURES` failing ordinary forwards in a row.
+
+An output spread over ranks (a ``DTensor`` of tensor parallelism) first becomes
+this rank's rows with every feature (:func:`delve.sharding.local_output`); a
+layer whose layout cannot be told is left out at once, with a warning.
 """
 from __future__ import annotations
 

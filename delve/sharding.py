@@ -34,7 +34,8 @@ read as a feature shard on the weight's mesh. A layer with a sharded weight
 and a plain output that is no such shard (a row-parallel layer that returns
 partial sums, say) raises :class:`ShardingError`: delve cannot tell what its
 output holds, so the recorder leaves the layer out, with a warning, instead of
-recording wrong numbers.
+recording wrong numbers. So does a ``DTensor`` output whose local tensor is
+not what its placements say.
 
 Nothing here imports ``torch.distributed.tensor`` unless the process already
 did: without it no ``DTensor`` exists, and :func:`local_output` returns
@@ -136,7 +137,8 @@ def local_output(
     ------
     ShardingError
         If the layer's weight is sharded but its plain output is no shard of
-        its features.
+        its features, or if its DTensor output's local shape contradicts its
+        placements.
     """
     dtensor = dtensor_type()
     if dtensor is None:
@@ -146,9 +148,37 @@ def local_output(
         head = _from_feature_shard(module, head, dtensor)
         if head is None:
             return None
+    _check_local_shape(head)
     if head.ndim >= 2 and (adapter.samples is linear_samples or (adapter.samples is block_samples and head.ndim <= 3)):
         return _row_shards(head, mask)
     return LocalOutput(head.full_tensor(), mask, None, head.device_mesh)
+
+
+def _check_local_shape(tensor: Any) -> None:
+    """Refuse a DTensor whose local tensor is not what its placements say each rank holds.
+
+    torch 2.13's convolution with a weight sharded on its output channels
+    returns such a tensor: placed ``Replicate()``, locally a slice of the
+    channels. Placements other than ``Shard``, ``Replicate`` and ``Partial``
+    are not checked.
+    """
+    shape, mesh = list(tensor.shape), tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if placement.is_shard():
+            if type(placement).__name__ != "Shard":
+                return
+            dim = placement.dim % tensor.ndim
+            chunk = -(-shape[dim] // mesh.size(mesh_dim))
+            shape[dim] = max(0, min(chunk, shape[dim] - coordinate[mesh_dim] * chunk))
+    local = tuple(tensor.to_local().shape)
+    if local != tuple(shape):
+        raise ShardingError(
+            f"its output is a DTensor placed as {tuple(tensor.placements)} with global shape "
+            f"{tuple(tensor.shape)}, which gives this rank a local shape {tuple(shape)}, but its local tensor has "
+            f"shape {local}; delve cannot tell what each rank holds (a sharding rule of torch that mislabels "
+            "this layer's output?)"
+        )
 
 
 def _row_shards(tensor: Any, mask: Optional[torch.Tensor]) -> LocalOutput:

@@ -84,6 +84,35 @@ class PartialSumLinear(nn.Linear):
         return F.linear(x[..., start : start + width], self.weight.to_local())
 
 
+class ChannelShards(nn.Module):
+    """Returns its input (channels first); with a mesh, as a DTensor of which each rank holds some channels."""
+
+    def __init__(self, mesh=None) -> None:
+        super().__init__()
+        self.mesh = mesh
+
+    def forward(self, x: torch.Tensor):
+        if self.mesh is None:
+            return x * 1.0
+        from torch.distributed.tensor import DTensor, Shard
+
+        local = x.chunk(self.mesh.size(), dim=1)[self.mesh.get_local_rank()]
+        return DTensor.from_local(local, self.mesh, [Shard(1)], run_check=False)
+
+
+class MislabelledLinear(nn.Linear):
+    """Returns half of its features as a DTensor that claims to hold all of them on every rank of ``mesh``."""
+
+    mesh = None
+
+    def forward(self, x: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        full = super().forward(x)
+        return DTensor.from_local(full[:, :2], self.mesh, [Replicate()], run_check=False, shape=full.shape,
+                                  stride=full.stride())
+
+
 def make(model_type: type = Mlp) -> nn.Module:
     torch.manual_seed(0)
     return model_type()
@@ -239,6 +268,29 @@ def _local_shards(mesh, data: torch.Tensor) -> dict:
     return {"results": results, "warnings": [str(warning.message) for warning in caught]}
 
 
+def make_images() -> torch.Tensor:
+    return torch.randn(12, 4, 5, 5, generator=torch.Generator().manual_seed(3)) * torch.tensor(
+        [2.0, 1.0, 0.5, 0.1])[:, None, None] + 2.0
+
+
+def _other_layouts(mesh) -> dict:
+    """A feature map sharded on its channels (no rows-by-features output) and a mislabelled DTensor output."""
+    feature_maps = nn.Sequential(ChannelShards(mesh["tp"]))
+    mislabelled = make(lambda: MislabelledLinear(6, 4))
+    mislabelled.mesh = mesh["tp"]
+    dp = mesh["dp"].get_local_rank()
+    images = make_images()[:7] if dp == 0 else make_images()[7:]
+    with track(feature_maps, blocks=ChannelShards) as maps, track(mislabelled) as linear, \
+            warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for batch in images.split(3):
+            feature_maps(batch)
+        for batch in make_data()[train_rows(TRAIN_2, dp)].split(BATCH):
+            mislabelled(batch)
+        return {"counts": local_counts(maps), "results": maps.add_saturations(),
+                "mislabelled": linear.add_saturations(), "warnings": [str(warning.message) for warning in caught]}
+
+
 def _fully_sharded_only(data: torch.Tensor) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -275,6 +327,10 @@ def _pipeline_stages(data: torch.Tensor, folder: str, rank: int) -> dict:
     feed(model, data, TRAIN_4, EVAL_4, rank)
     out = {"stage": stage, "results": tracker.add_saturations(), "writer": type(tracker.writer).__name__}
     tracker.close()
+    # The same with the stage's ProcessGroup itself.
+    with track(model, process_group=stage_mesh["tp"].get_group()) as tracker:
+        feed(model, data, TRAIN_4, EVAL_4, rank)
+        out["results_of_group"] = tracker.add_saturations()
     return out
 
 
@@ -294,6 +350,7 @@ def _worker(rank: int, folder: str) -> None:
             "padding_mask": _padding_mask(mesh),
             "tensor_parallel_1x4": _tensor_parallel_1x4(data),
             "local_shards": _local_shards(mesh, data),
+            "other_layouts": _other_layouts(mesh),
             "fully_sharded_only": _fully_sharded_only(data),
             "fsdp1": _fsdp1(data, rank),
             "pipeline_stages": _pipeline_stages(data, folder, rank),
@@ -458,6 +515,30 @@ def test_unknown_layout_is_left_out_with_a_warning(ranks: list) -> None:
         assert math.isnan(scenario["results"]["train-saturation_Module-1-PartialSumLinear"])
 
 
+def test_feature_maps_sharded_on_channels_equal_one_process(ranks: list) -> None:
+    feature_maps = nn.Sequential(ChannelShards())
+    with track(feature_maps, blocks=ChannelShards) as tracker, torch.no_grad():
+        for images in (make_images()[:7], make_images()[7:]):
+            for batch in images.split(3):
+                feature_maps(batch)
+        expected = tracker.add_saturations()
+    assert expected["train-samples_0"] == 12 * 5 * 5
+    for out in ranks:
+        assert_same_statistics(out["other_layouts"]["results"], expected)
+    # Both ranks of a pair gather every channel of every position: identical states, counted once.
+    assert ranks[0]["other_layouts"]["counts"] == ranks[1]["other_layouts"]["counts"]
+    assert ranks[0]["other_layouts"]["counts"]["0"]["train"] == 7 * 25
+
+
+def test_output_whose_local_shape_contradicts_its_placement_is_left_out(ranks: list) -> None:
+    for out in ranks:
+        scenario = out["other_layouts"]
+        left_out = [message for message in scenario["warnings"] if "MislabelledLinear" in message]
+        assert len(left_out) == 1, scenario["warnings"]
+        assert "local shape (16, 4)" in left_out[0] and "has shape (16, 2)" in left_out[0]
+        assert scenario["mislabelled"] == {}  # nothing recorded, so no numbers
+
+
 def test_fsdp2_on_four_ranks_equals_one_process(ranks: list) -> None:
     expected = one_process(make(), feed_shares(make_data(), TRAIN_4, EVAL_4))
     for out in ranks:
@@ -482,6 +563,7 @@ def test_each_pipeline_stage_merges_over_its_own_ranks(ranks: list) -> None:
         for out in pair:
             assert out["pipeline_stages"]["stage"] == stage
             assert_same_statistics(out["pipeline_stages"]["results"], expected)
+            assert_same_statistics(out["pipeline_stages"]["results_of_group"], expected)
         # Rank 0 of each stage's group writes.
         assert [out["pipeline_stages"]["writer"] for out in pair] == ["CSVWriter", "NullWriter"]
     folder = ranks[0]["folder"]
