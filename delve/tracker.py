@@ -485,7 +485,9 @@ class SaturationTracker(TrackerCompat):
             for name, recorder in self._recorders.items()
             for mode, state in recorder.modes.items()
         }
-        row_meshes = {name: recorder.row_mesh for name, recorder in self._recorders.items() if recorder.row_mesh}
+        row_meshes = {
+            name: recorder.row_mesh for name, recorder in self._recorders.items() if recorder.row_mesh is not None
+        }
         distributed.check_row_meshes(row_meshes, self.process_group)
         return distributed.sync_accumulators(local, self.process_group)
 
