@@ -8,7 +8,9 @@ here against one process over all the data and against numpy float64.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import math
 import os
 import warnings
@@ -24,6 +26,8 @@ from delve import SaturationTracker
 from reference import Capture, population_cov
 from test_distributed import assert_same_statistics
 
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                         "parallel_overhead.py")
 WORLD_SIZE = 4
 STATS = ["lsat", "idim", "trc", "cov", "samples"]
 BATCH = 16
@@ -334,6 +338,16 @@ def _pipeline_stages(data: torch.Tensor, folder: str, rank: int) -> dict:
     return out
 
 
+def _benchmark(mesh) -> dict:
+    """benchmarks/parallel_overhead.py's measurements, tiny, on the tensor-parallel pairs."""
+    spec = importlib.util.spec_from_file_location("parallel_overhead", BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    args = argparse.Namespace(rows=128, blocks=1, steps=1, repeats=1)
+    return {"steps": benchmark.step_overhead(32, args, mesh["tp"]),
+            "exchange": benchmark.exchange_costs(32, args, mesh["tp"])}
+
+
 def _worker(rank: int, folder: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -354,6 +368,7 @@ def _worker(rank: int, folder: str) -> None:
             "fully_sharded_only": _fully_sharded_only(data),
             "fsdp1": _fsdp1(data, rank),
             "pipeline_stages": _pipeline_stages(data, folder, rank),
+            "benchmark": _benchmark(mesh),
         }
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
         dist.barrier()  # gloo on torch 2.13 aborts at shutdown about 1 run in 5 without it
@@ -569,6 +584,17 @@ def test_each_pipeline_stage_merges_over_its_own_ranks(ranks: list) -> None:
     folder = ranks[0]["folder"]
     assert sorted(name for name in os.listdir(folder) if name.endswith(".csv")) == [
         "stage0-rank0.csv", "stage1-rank2.csv"]
+
+
+def test_parallel_overhead_benchmark_runs(ranks: list) -> None:
+    """No timing is asserted: the script still runs, and its exchange volumes are those of the docs."""
+    for out in ranks:
+        steps, exchange = out["benchmark"]["steps"], out["benchmark"]["exchange"]
+        assert steps["untracked"] > 0 and steps["tracked"] > 0 and steps["add_saturations"] > 0
+        assert [row["kind"] for row in exchange] == ["column (Shard(-1))", "row (Partial)"]
+        # (t - 1) / t of a 128-row output, t = 2: 4 * 32 features of up, 32 of down
+        assert [row["received"] for row in exchange] == [128 * 128 // 2, 128 * 32 // 2]
+        assert all(row[name] > 0 for row in exchange for name in ("exchange", "split", "gather_all"))
 
 
 # ----------------------------------------------------------------- one process
