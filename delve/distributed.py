@@ -1,9 +1,12 @@
 r"""One set of statistics across every process of a ``torch.distributed`` job.
 
-Under DistributedDataParallel each process sees only its share of the data. When
-a process group is initialised (and has more than one process),
-:class:`~delve.SaturationTracker` calls :func:`sync_accumulators` in
-:meth:`~delve.SaturationTracker.compute`: every layer's state
+Under data parallelism (DDP, FSDP) each process sees only its share of the
+data; under tensor parallelism the ranks of a tensor-parallel group split the
+rows of each sharded layer's output between them (:mod:`delve.sharding`). Either
+way every rank holds samples of its own. When a process group is initialised
+(and has more than one process), :class:`~delve.SaturationTracker` calls
+:func:`sync_accumulators` in :meth:`~delve.SaturationTracker.compute`, over
+every rank or over the tracker's ``process_group``: every layer's state
 :math:`(n_r, \mu_r, M_{2,r})` on rank :math:`r` is merged exactly with the
 parallel (Chan) formula, in its all-ranks form
 
@@ -20,8 +23,12 @@ collectives of one call are:
 1. a check that every rank tracks the same layers (a tiny ``MAX`` reduction);
 2. the feature dimension of every layer and mode (``MAX``, one small tensor for
    all of them), so that a rank on which a layer saw nothing still takes part;
-3. counts, weighted means and skipped-batch counts of all layers (one ``SUM``);
-4. one ``d x d`` ``SUM`` per layer and mode that holds data on some rank.
+3. three numbers per layer and mode (count and two random projections of the
+   state) from every rank (one ``all_gather``): a state identical to a lower
+   rank's holds the same samples (tensor-parallel ranks recording a
+   replicated output) and is counted once;
+4. counts, weighted means and skipped-batch counts of all layers (one ``SUM``);
+5. one ``d x d`` ``SUM`` per layer and mode that holds data on some rank.
 
 The merged states are new accumulators: the local ones are never modified, so
 recording goes on undisturbed. Every rank gets the same merged statistics
@@ -45,9 +52,11 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, TypeVar
 import torch
 
 from delve.covariance import TorchCovarianceMatrix
+from delve.sharding import mesh_ranks
 from delve.writers.base import AbstractWriter, NullWriter
 
 Key = TypeVar("Key", bound=Hashable)
+State = Dict[str, Any]
 
 # Sent instead of -dim by a rank without state, so that MAX over -dim yields -(smallest known dim).
 _NO_DIM = -(2**62)
@@ -155,6 +164,87 @@ def writer_for_rank(writer: AbstractWriter, group: Optional[Any] = None) -> Abst
     return NullWriter()
 
 
+def resolve_group(process_group: Any) -> Optional[Any]:
+    """The group a tracker merges over, from its ``process_group`` option.
+
+    Parameters
+    ----------
+    process_group : None, ProcessGroup or DeviceMesh
+        ``None``: every rank of the job. A ``ProcessGroup``: its ranks. A
+        ``DeviceMesh``: every rank of the mesh, all its dimensions (pass the
+        whole data x tensor mesh, not its data-parallel dimension: the
+        tensor-parallel ranks split the rows of sharded layers between them).
+
+    Returns
+    -------
+    ProcessGroup or None
+        ``None`` stands for the default (world) group.
+
+    Raises
+    ------
+    ValueError
+        If ``process_group`` is of another type, or given before
+        ``init_process_group``.
+
+    Examples
+    --------
+    >>> resolve_group(None) is None
+    True
+    """
+    if process_group is None:
+        return None
+    if not _initialized():
+        raise ValueError(
+            f"process_group={process_group!r} needs torch.distributed: create the tracker after "
+            "init_process_group, or pass process_group=None"
+        )
+    dist = _dist()
+    if isinstance(process_group, dist.ProcessGroup):
+        return process_group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(process_group, DeviceMesh):
+        raise ValueError(
+            "process_group must be None (every rank), a torch.distributed ProcessGroup or a DeviceMesh, "
+            f"got {type(process_group).__name__}"
+        )
+    if process_group.ndim == 1:
+        return process_group.get_group()
+    ranks = sorted(mesh_ranks(process_group))
+    if ranks == list(range(dist.get_world_size())):
+        return None
+    return dist.new_group(ranks, use_local_synchronization=True)
+
+
+def check_row_meshes(row_meshes: Mapping[str, Any], group: Optional[Any]) -> None:
+    """Refuse to merge over a group that lacks ranks holding rows of a tensor-parallel layer.
+
+    Parameters
+    ----------
+    row_meshes : mapping of layer name to DeviceMesh
+        Layers whose rows the ranks of a mesh split between them (see
+        :mod:`delve.sharding`).
+    group : ProcessGroup or None
+        The group of the merge; ``None`` (every rank) always holds them.
+
+    Raises
+    ------
+    ValueError
+        Naming the layer, its mesh's ranks and what to pass instead.
+    """
+    if group is None or not row_meshes:
+        return
+    members = set(_dist().get_process_group_ranks(group))
+    for name, mesh in row_meshes.items():
+        ranks = mesh_ranks(mesh)
+        if not members.issuperset(ranks):
+            raise ValueError(
+                f"the ranks {list(ranks)} split the rows of layer {name!r} between them (tensor parallelism), but "
+                f"process_group holds only {sorted(members)}: pass the whole DeviceMesh (data x tensor), a group "
+                "of all the ranks that train the model, or None"
+            )
+
+
 def _collective_device(group: Optional[Any], accumulators: List[TorchCovarianceMatrix]) -> torch.device:
     """Device for the tensors of the collectives: of the kind ``group``'s backend needs, the same on every rank.
 
@@ -209,21 +299,53 @@ def _agree_on_dims(
     return agreed
 
 
-def _local_moments(acc: TorchCovarianceMatrix, dim: int, device: torch.device) -> torch.Tensor:
-    """``[count, count * mean, num_skipped]`` of one accumulator, float64 on ``device``; zeros without state."""
+def _probe(dim: int, device: torch.device) -> torch.Tensor:
+    """A fixed random vector of ``dim`` positive float64 weights, the same on every rank."""
+    generator = torch.Generator().manual_seed(dim)
+    return (torch.rand(dim, generator=generator, dtype=torch.float64) + 0.5).to(device)
+
+
+def _copies(states: List[State], dims: List[int], device: torch.device, group: Optional[Any]) -> List[bool]:
+    """Whether each state is a copy of one held by a lower rank of ``group``: the same samples, to count once.
+
+    Ranks of a tensor-parallel group that record a replicated output hold
+    identical states. Each state is summarised by its count and two random
+    projections of its mean and second moments; the summaries of all ranks
+    are gathered (``3`` numbers per layer and mode and rank) and compared bit
+    for bit.
+    """
+    local = torch.zeros(len(states), 3, dtype=torch.float64, device=device)
+    for index, (state, dim) in enumerate(zip(states, dims)):
+        if "m2" in state:
+            probe = _probe(dim, device)
+            local[index, 0] = state["count"].to(device)
+            local[index, 1] = state["mean"].to(device) @ probe
+            local[index, 2] = probe @ (state["m2"].to(device) @ probe)
+    dist = _dist()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    rank = dist.get_rank(group)
+    if rank == 0:
+        return [False] * len(states)
+    lower = torch.stack(gathered[:rank])
+    copies = (lower == local).all(dim=-1).any(dim=0) & (local[:, 0] > 0)
+    return copies.tolist()
+
+
+def _local_moments(state: State, dim: int, device: torch.device) -> torch.Tensor:
+    """``[count, count * mean, num_skipped]`` of one state, float64 on ``device``; zeros without data."""
     moments = torch.zeros(dim + 2, dtype=torch.float64, device=device)
-    if acc.mean is not None:
-        count = acc.count
+    if "m2" in state:
+        count = state["count"].to(device)
         moments[0] = count
-        moments[1 : dim + 1] = acc.mean.to(device) * count
-        moments[dim + 1] = acc.num_skipped_batches
+        moments[1 : dim + 1] = state["mean"].to(device) * count
+        moments[dim + 1] = state["num_skipped"].to(device)
     return moments
 
 
-def _m2_contribution(acc: TorchCovarianceMatrix, global_mean: torch.Tensor) -> torch.Tensor:
+def _m2_contribution(state: State, global_mean: torch.Tensor) -> torch.Tensor:
     """This rank's :math:`M_{2,r} + n_r (\\mu_r - \\mu)(\\mu_r - \\mu)^T`, a new tensor beside ``global_mean``."""
     dim, device = global_mean.shape[0], global_mean.device
-    state = acc.state_dict()
     if "m2" not in state:
         return torch.zeros(dim, dim, dtype=torch.float64, device=device)
     contribution = state["m2"].to(device)
@@ -269,7 +391,9 @@ def sync_accumulators(
 
     A collective call: every rank of ``group`` must call it with the same keys in
     the same order. An accumulator that saw nothing on some (or every) rank is
-    fine.
+    fine. Ranks whose states of a key are identical (they recorded the same
+    samples: tensor-parallel ranks with a replicated output, or ranks fed the
+    same batches) count once.
 
     Parameters
     ----------
@@ -282,8 +406,9 @@ def sync_accumulators(
     -------
     dict
         The same keys; each value a new accumulator holding the samples of every
-        rank (uninitialised if no rank saw any). Without a process group of
-        more than one process, the given accumulators themselves.
+        rank, each distinct state once (uninitialised if no rank saw any).
+        Without a process group of more than one process, the given
+        accumulators themselves.
 
     Raises
     ------
@@ -306,12 +431,17 @@ def sync_accumulators(
     _check_same_keys(keys, device, group)
     dims = _agree_on_dims(local, keys, device, group)
 
-    sums = _all_reduce(torch.cat([_local_moments(acc, dim, device) for acc, dim in zip(local, dims)]), "SUM", group)
+    states = [acc.state_dict() for acc in local]
+    # A copy of a lower rank's state (the same samples) takes part with nothing.
+    states = [{} if copy else state for state, copy in zip(states, _copies(states, dims, device, group))]
+
+    moments = [_local_moments(state, dim, device) for state, dim in zip(states, dims)]
+    sums = _all_reduce(torch.cat(moments), "SUM", group)
     totals = sums.cpu()
 
     merged: Dict[Key, TorchCovarianceMatrix] = {}
     offset = 0
-    for key, acc, dim in zip(keys, local, dims):
+    for key, acc, state, dim in zip(keys, local, states, dims):
         count = sums[offset]
         has_data = bool(totals[offset] > 0)
         weighted_mean, num_skipped = sums[offset + 1 : offset + 1 + dim], sums[offset + 1 + dim]
@@ -320,7 +450,7 @@ def sync_accumulators(
             merged[key] = _empty_like(acc)
         elif has_data:
             mean = weighted_mean / count
-            m2 = _all_reduce(_m2_contribution(acc, mean), "SUM", group)
+            m2 = _all_reduce(_m2_contribution(state, mean), "SUM", group)
             merged[key] = _merged_copy(acc, count, mean, m2, num_skipped)
         else:
             zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device)

@@ -23,6 +23,10 @@ and never held against the layer: the recomputation of
 forward), ``torch.jit.trace``, and ``torch.func`` transforms (``vmap``,
 ``grad``, ``jacrev``). A layer is given up only after
 :data:`MAX_CONSECUTIVE_FAILURES` failing ordinary forwards in a row.
+
+An output spread over ranks (a ``DTensor`` of tensor parallelism) first becomes
+this rank's rows with every feature (:func:`delve.sharding.local_output`); a
+layer whose layout cannot be told is left out at once, with a warning.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from torch.nn.modules import module as module_hooks
 from delve.adapters import AdapterOptions, LayerAdapter, first_tensor
 from delve.classes import ClassMoments
 from delve.covariance import TorchCovarianceMatrix, as_rows, num_samples
+from delve.sharding import ShardingError, local_output
 
 #: A layer whose recording fails on this many ordinary forward passes in a row is given up.
 MAX_CONSECUTIVE_FAILURES = 3
@@ -181,6 +186,8 @@ class LayerRecorder:
         #: Rows of the latest recorded forward pass (before masking and ``max_samples``), for the summary.
         self.rows_per_forward: Optional[int] = None
         self.warned_skipped_batches = 0
+        #: Device mesh whose ranks split this layer's rows between them (tensor parallelism, see delve.sharding).
+        self.row_mesh: Any = None
 
     def __call__(self, module: nn.Module, output: Any) -> None:
         """Hot path: record one forward pass's output (no host-device synchronisation)."""
@@ -201,6 +208,9 @@ class LayerRecorder:
         try:
             with torch.no_grad():
                 self._record(module, output, state, max_samples)
+        except ShardingError as error:
+            self.active = False
+            warnings.warn(f"delve leaves out layer {self.name!r}: {error}", RuntimeWarning, stacklevel=3)
         except Exception as error:  # a tracking failure must never stop training
             self._failed(error)
         else:
@@ -210,30 +220,41 @@ class LayerRecorder:
         head = first_tensor(output)
         if isinstance(head, torch.Tensor) and head.numel() == 0:
             return
-        samples, row_mask = self._samples(module, output)
+        mask = self._mask()
+        # A DTensor output (tensor parallelism) becomes this rank's rows with every feature; the ranks
+        # of its mesh count the rows of the whole output, so that they all take the same decisions.
+        local = local_output(module, output, mask, self.adapter)
+        if local is not None:
+            output, mask = local.output, local.mask
+            self.row_mesh = None if local.group_rows is None else local.mesh
+        samples, row_mask = self._samples(module, output, mask)
         if samples is None:
             return
         count = num_samples(samples)
-        if count == 0:
+        rows = count if local is None else local.rows(count)
+        if rows == 0:
             return
-        self.rows_per_forward = labelled = count
-        if max_samples is not None and state.rows + count > max_samples:
+        self.rows_per_forward = rows
+        labelled = count
+        if max_samples is not None and state.rows + rows > max_samples:
             keep = max_samples - state.rows
-            samples = as_rows(samples)[:keep]
-            row_mask = None if row_mask is None else row_mask[:keep]
-            count = keep
+            kept = keep if local is None else local.share(keep, count)
+            samples = as_rows(samples)[:kept]
+            row_mask = None if row_mask is None else row_mask[:kept]
+            rows = keep
         state.accumulator.update(samples, row_mask=row_mask)
-        state.rows += count
+        state.rows += rows
         if self.classes is not None:
             labels = self.context.current_labels()
             # Only layers with one sample per input: as many rows as labels (before max_samples cut them).
             if labels is not None and row_mask is None and samples.ndim == 2 and labels.shape[0] == labelled:
-                self.classes["train" if module.training else "eval"].update(samples, labels[:count])
+                self.classes["train" if module.training else "eval"].update(samples, labels[: samples.shape[0]])
 
-    def _samples(self, module: nn.Module, output: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _samples(
+        self, module: nn.Module, output: Any, mask: Optional[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The samples of one output, and the mask of its rows when padding is left out."""
         options = self.context.options
-        mask = self._mask()
         if mask is not None:
             tokens = self.adapter.tokens(module, output, options)
             if tokens is not None and tuple(tokens.shape[:2]) == tuple(mask.shape):

@@ -3,8 +3,9 @@
 Names are module paths from the given root joined with ``-`` (``features-0``,
 ``classifier``), as in delve 0.1.50. A layer given on its own (or in a list) is
 named ``Module-<i>-<Type>``. Wrappers that only hold the real model
-(DistributedDataParallel, DataParallel, ``torch.compile``) add nothing to the
-names. A module reached twice (shared) is tracked once, under its first path.
+(DistributedDataParallel, DataParallel, FSDP1's FullyShardedDataParallel,
+activation checkpointing's CheckpointWrapper, ``torch.compile``) add nothing to
+the names. A module reached twice (shared) is tracked once, under its first path.
 """
 from __future__ import annotations
 
@@ -19,13 +20,21 @@ from delve.adapters import find_adapter, is_conv
 ModuleSpec = Union[nn.Module, Iterable[nn.Module]]
 
 
+#: Children under which wrappers keep the module they wrap: FSDP1's ``FullyShardedDataParallel``
+#: and activation checkpointing's ``CheckpointWrapper``.
+_WRAPPED_CHILDREN = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside DataParallel/DistributedDataParallel/``torch.compile`` wrappers."""
+    """The model inside DataParallel, DistributedDataParallel, FSDP1, checkpoint and ``torch.compile`` wrappers."""
     while True:
+        wrapped = next((module._modules[name] for name in _WRAPPED_CHILDREN if name in module._modules), None)
         if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             module = module.module
         elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
             module = module._orig_mod
+        elif wrapped is not None:
+            module = wrapped
         else:
             return module
 

@@ -214,6 +214,13 @@ class SaturationTracker(TrackerCompat):
         and ``cdnv``: labels handed over with :meth:`set_labels` (or the
         ``labels`` keyword of a Hugging Face model call) feed per-class sums of
         every layer with one sample per input.
+    process_group : ProcessGroup or DeviceMesh, optional
+        Under ``torch.distributed``, the ranks whose statistics are merged
+        (its rank 0 writes): ``None`` (default) for every rank, a
+        ``ProcessGroup``, or a ``DeviceMesh`` (all of its ranks: pass the whole
+        data x tensor mesh). Name it when not every rank tracks this model
+        (one tracker per pipeline stage); data-, tensor- and sequence-parallel
+        ranks need nothing (see the "Distributed training" page of the docs).
 
     Examples
     --------
@@ -254,6 +261,7 @@ class SaturationTracker(TrackerCompat):
         blocks: BlockTypes = None,
         mask_padding: bool = True,
         num_classes: Optional[int] = None,
+        process_group: Any = None,
     ) -> None:
         self._closed = True  # until construction succeeds
         # Nothing is written with nosave=True, so an empty savefile is harmless there (callbacks probe with it).
@@ -297,6 +305,7 @@ class SaturationTracker(TrackerCompat):
         self.nosave = nosave
         self.verbose = verbose
         self.device = _resolve_device(device)
+        self.process_group = distributed.resolve_group(process_group)
         self.epoch = self.initial_epoch
         self.last_results: Dict[str, Any] = {}
         self._last_results_epoch = self.epoch
@@ -316,7 +325,7 @@ class SaturationTracker(TrackerCompat):
         self._warned_few_samples: set = set()
         self._warned_unlabelled: set = set()
 
-        writes_files = distributed.is_main_process()
+        writes_files = distributed.is_main_process(self.process_group)
         self.writer: AbstractWriter = self._build_writer(save_to, writer_args, writes_files)
         roots = [unwrap(entry) for entry in ([modules] if isinstance(modules, nn.Module) else modules)]
         self._handle = HookHandle(
@@ -512,7 +521,11 @@ class SaturationTracker(TrackerCompat):
             for name, recorder in self._recorders.items()
             for mode, state in recorder.modes.items()
         }
-        return distributed.sync_accumulators(local)
+        row_meshes = {
+            name: recorder.row_mesh for name, recorder in self._recorders.items() if recorder.row_mesh is not None
+        }
+        distributed.check_row_meshes(row_meshes, self.process_group)
+        return distributed.sync_accumulators(local, self.process_group)
 
     def _requested(self) -> List[statistics.Statistic]:
         entries = [statistics.get_statistic(key) for key in self.stats]
@@ -575,7 +588,9 @@ class SaturationTracker(TrackerCompat):
             if recorder.classes is not None
             for mode, moments in recorder.classes.items()
         }
-        return merged_across_ranks(local, {key: dims[key] for key in local}) if local else {}
+        if not local:
+            return {}
+        return merged_across_ranks(local, {key: dims[key] for key in local}, self.process_group)
 
     def _complete_classes(self, key: Tuple[str, str], moments: Optional[ClassMoments], count: int) -> Optional[ClassMoments]:
         """``moments`` if every sample of the layer had a label, else ``None`` (warned once per layer)."""
@@ -632,7 +647,7 @@ class SaturationTracker(TrackerCompat):
             unit="layer",
             delay=PROGRESS_DELAY_S,
             leave=False,
-            disable=not distributed.is_main_process(),
+            disable=not distributed.is_main_process(self.process_group),
         ) as progress:
             for covariance in covariances:
                 yield metrics.eigenvalues(covariance)
@@ -709,11 +724,11 @@ class SaturationTracker(TrackerCompat):
         """
         self._check_open("add_saturations()")
         results = self.compute()
-        self.writer = distributed.writer_for_rank(self.writer)
+        self.writer = distributed.writer_for_rank(self.writer, self.process_group)
         self._warn_skipped_batches()
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)
-        if self.verbose and distributed.is_main_process():
+        if self.verbose and distributed.is_main_process(self.process_group):
             self._print_saturations(results)
         self.last_results = results
         self._last_results_epoch = self.epoch

@@ -418,3 +418,15 @@ def test_torch_compile_of_a_tracked_model_records_without_warnings(tmp_path):
     assert results["train-covariance-trace_0"] == pytest.approx(_trace(capture.outputs), rel=1e-6)
     tracker.close()
 
+
+
+def test_activation_checkpoint_wrappers_add_nothing_to_names_and_record_once(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(checkpoint_wrapper(nn.Sequential(nn.Linear(4, 6), nn.Tanh())), nn.Linear(6, 3))
+    tracker = SaturationTracker(str(tmp_path / "run"), "csv", model, stats=["samples"])
+    assert list(tracker.layers) == ["0-0", "1"]
+    model(torch.randn(8, 4, requires_grad=True)).sum().backward()
+    assert tracker.add_saturations() == {"train-samples_0-0": 8, "train-samples_1": 8}
+    tracker.close()
