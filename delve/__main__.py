@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run", help=_RUN_HELP)
     _inputs(report)
     report.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    report.add_argument("--statistics", nargs="+", metavar="KEY",
+                        help="further logged statistics to draw (erank, pr...; default: every one the run logged)")
     _tail_options(report)
 
     diagnosis = commands.add_parser("diagnose", help="print the findings of delve.analysis.diagnose")
@@ -72,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             path = report(
                 arguments.run, receptive_fields=arguments.receptive_fields, probes=arguments.probes,
                 output=arguments.output, mode=arguments.mode, ratio=arguments.ratio, min_gap=arguments.min_gap,
+                statistics=arguments.statistics,
             )
             print(path)
         elif arguments.command == "diagnose":

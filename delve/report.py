@@ -37,6 +37,7 @@ from delve.analysis import (
     IDIM, MODES, SAMPLES, SATURATION, Finding, available_modes, csv_path, diagnose, last_epoch, layer_table, load_run,
     statistic_table,
 )
+from delve.writers.base import STATMAP, parse_stat_name
 from delve.writers.plotting import MODE_COLORS
 
 _STAT_PREFIXES = tuple(f"{mode}-" for mode in MODES) + ("average-",)
@@ -61,6 +62,7 @@ class _Context:
     probes: Optional[pd.DataFrame] = None
     ratio: float = 0.7
     min_gap: float = 0.2
+    statistics: List[str] = field(default_factory=list)
 
     @property
     def tail(self) -> List[str]:
@@ -101,11 +103,32 @@ def _mark_layer_labels(labels: Sequence[Any], ctx: _Context) -> None:
             label.set_fontweight("bold")
 
 
+#: Statistics the report draws in sections of their own, or leaves to the layer table.
+_OWN_SECTIONS = ("lsat", "idim", "samples", "cov", "embed")
+
+
+def logged_statistics(frame: pd.DataFrame) -> List[str]:
+    """Keys of the per-layer scalar statistics a run logged, other than saturation, idim and samples.
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"train-saturation_fc": [0.5], "train-effective-rank_fc": [3.2], "loss": [1.0]})
+    >>> logged_statistics(frame)
+    ['erank']
+    """
+    keys = []
+    for column in frame.columns:
+        parsed = parse_stat_name(str(column))
+        if parsed is not None and parsed.stat not in _OWN_SECTIONS and parsed.stat not in keys:
+            keys.append(parsed.stat)
+    return keys
+
+
 def _heatmap(ctx: _Context, stat: str) -> Optional[str]:
-    """Layers-by-epochs heatmaps of ``stat`` (``lsat`` or ``idim``), train and eval on one colour scale."""
+    """Layers-by-epochs heatmaps of the statistic ``stat`` (a key), train and eval on one colour scale."""
     from delve.writers.heatmap import draw_evolution, evolution_size
 
-    name = SATURATION if stat == "lsat" else IDIM
+    name = STATMAP[stat]
     tables = {mode: statistic_table(ctx.frame, mode, name).reindex(columns=ctx.layers) for mode in ctx.modes}
     tables = {mode: table for mode, table in tables.items() if table.notna().any().any()}
     if not tables:
@@ -114,7 +137,7 @@ def _heatmap(ctx: _Context, stat: str) -> Optional[str]:
     matrices = {mode: table.reindex(epochs).to_numpy(dtype=float).T for mode, table in tables.items()}
     widths = ctx.table["width"].to_numpy(dtype=float) if stat == "idim" else None
     figure = _figure(*evolution_size(ctx.layers, epochs, len(matrices)))
-    label = "saturation" if stat == "lsat" else "intrinsic dimensionality"
+    label = name.replace("-", " ")
     axes = draw_evolution(figure, ctx.layers, epochs, matrices, stat, f"{label} per layer over epochs",
                           widths=widths, fontsize=10)
     for ax in axes:
@@ -449,6 +472,12 @@ def render_html(ctx: _Context) -> str:
                  if ctx.table["width"].notna().all() else "one colour scale for train and eval")
         parts += ["<h2>Intrinsic dimensionality per layer over epochs</h2>",
                   _figure_html(idim, f"Numbers are dimensions; {scale}. {caption}")]
+    for stat in ctx.statistics:
+        figure = _heatmap(ctx, stat)
+        if figure:
+            title = STATMAP[stat].replace("-", " ")
+            parts += [f"<h2>{html.escape(title[:1].upper() + title[1:])} per layer over epochs</h2>",
+                      _figure_html(figure, f"One colour scale for train and eval. {caption}")]
     parts += [
         "<h2>Last epoch</h2>",
         _figure_html(_profile(ctx), "Saturation of each layer at the last epoch, train and eval side by side; the "
@@ -482,6 +511,7 @@ def report(
     mode: Optional[str] = None,
     ratio: float = 0.7,
     min_gap: float = 0.2,
+    statistics: Optional[Sequence[str]] = None,
 ) -> str:
     """Write the HTML report of a run and return its path.
 
@@ -507,6 +537,11 @@ def report(
         ``'train'`` or ``'eval'`` for the tail and the profile; default train when recorded.
     ratio, min_gap : float
         The tail rule's thresholds (see :func:`delve.analysis.find_tail`).
+    statistics : list of str, optional
+        Keys of further logged statistics (``'erank'``, ``'pr'``, ``'trc'``...)
+        to draw as layers-by-epochs heatmaps besides saturation and intrinsic
+        dimensionality; default: every one the run logged
+        (:func:`logged_statistics`).
 
     Returns
     -------
@@ -535,10 +570,16 @@ def report(
                         receptive_fields=receptive_fields, ratio=ratio, min_gap=min_gap)
     table = layer_table(frame, model)
     table = table[table[[c for c in table.columns if c != "width"]].notna().any(axis=1)]
+    logged = logged_statistics(frame)
+    if statistics is None:
+        statistics = logged
+    missing = [key for key in statistics if key not in logged]
+    if missing:
+        raise ValueError(f"statistics={missing} are not in this run; it logged {logged or 'none besides saturation'}")
     ctx = _Context(
         name=os.path.basename(savefile) or savefile, frame=frame, modes=modes, mode=mode, layers=list(table.index),
         table=table, findings=findings, input_size=size, path=savefile, fields=fields, probes=probe_table,
-        ratio=ratio, min_gap=min_gap,
+        ratio=ratio, min_gap=min_gap, statistics=list(statistics),
     )
     output = output or os.path.join(savefile, "report.html")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

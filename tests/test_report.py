@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from torch import nn
 
 from delve.__main__ import main
@@ -236,3 +237,25 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
     red = (pixels[..., 0] > 0.75) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)
     assert red.sum() > 500
     assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 500
+
+
+def test_report_shows_every_logged_statistic_or_those_asked_for(tmp_path):
+    from delve import SaturationTracker
+    from delve.report import report
+
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
+    savefile = str(tmp_path / "spectral")
+    with SaturationTracker(savefile, "csv", model, stats=["lsat", "idim", "erank", "pr", "trc"]) as tracker:
+        for _ in range(3):
+            model(torch.randn(64, 6))
+            tracker.add_saturations()
+    page = open(report(savefile)).read()
+    for title in ("Effective rank per layer over epochs", "Participation ratio per layer over epochs",
+                  "Covariance trace per layer over epochs"):
+        assert title in page, title
+    only = open(report(savefile, statistics=["erank"], output=str(tmp_path / "only.html"))).read()
+    assert "Effective rank per layer over epochs" in only and "Participation ratio" not in only
+    with pytest.raises(ValueError, match="statistics=\\['srank'\\] are not in this run"):
+        report(savefile, statistics=["srank"])
+    assert main(["report", savefile, "--statistics", "pr", "-o", str(tmp_path / "cli.html")]) == 0
+    assert "Participation ratio per layer" in (tmp_path / "cli.html").read_text()
