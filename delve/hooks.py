@@ -269,6 +269,37 @@ class LayerRecorder:
             return context.manual_mask
         return context.masks.get(self.mask_key)
 
+    def reset(self, accumulators: bool = True) -> None:
+        """Restart the per-epoch counters (``log_interval``, ``max_samples``), and forget the samples if asked."""
+        for mode, state in self.modes.items():
+            state.calls = state.rows = 0
+            if accumulators:
+                state.accumulator.reset()
+                if self.classes is not None:
+                    self.classes[mode].reset()
+
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Per mode the accumulator's state, the per-epoch counters and the per-class sums (if any)."""
+        return {
+            mode: {
+                "accumulator": state.accumulator.state_dict(),
+                "calls": state.calls,
+                "rows": state.rows,
+                **({} if self.classes is None else {"classes": self.classes[mode].state_dict()}),
+            }
+            for mode, state in self.modes.items()
+        }
+
+    def load_state_dict(self, saved: Dict[str, Dict[str, Any]]) -> None:
+        """Go on from what :meth:`state_dict` returned."""
+        for mode, saved_mode in saved.items():
+            state = self.modes[mode]
+            state.accumulator.load_state_dict(saved_mode["accumulator"])
+            state.calls = saved_mode["calls"]
+            state.rows = saved_mode["rows"]
+            if self.classes is not None and "classes" in saved_mode:
+                self.classes[mode].load_state_dict(saved_mode["classes"])
+
     def _failed(self, error: BaseException) -> None:
         self.failures += 1
         self.consecutive_failures += 1

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Mapping, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from delve.adapters import find_adapter, is_conv
+from delve.adapters import (
+    BLOCK_ADAPTER,
+    AdapterOptions,
+    LayerAdapter,
+    check_layer_memory,
+    find_adapter,
+    find_layer_adapter,
+    is_conv,
+)
+from delve.covariance import CovarianceMemoryError
 
 ModuleSpec = Union[nn.Module, Iterable[nn.Module]]
 
@@ -197,3 +206,92 @@ def find_layers(
                 name = f"Module-{index}-{name}"
             result[_unique(name, result)] = layer
     return result
+
+
+def layer_adapter(layer: nn.Module, is_block: Callable[[nn.Module], bool]) -> LayerAdapter:
+    """How ``layer``'s outputs become samples: the block adapter for a block, else its type's.
+
+    Raises
+    ------
+    ValueError
+        If delve has no adapter for the layer's type (a ``layer_filter`` added it).
+    """
+    if is_block(layer):
+        return BLOCK_ADAPTER
+    adapter = find_layer_adapter(layer)
+    if adapter is None:
+        raise ValueError(f"layer_filter returned {type(layer).__name__}, a module delve cannot track")
+    return adapter
+
+
+def _explicit_layers(modules: ModuleSpec) -> set:
+    """Identities of the layers given themselves in ``modules`` (not found inside a model)."""
+    entries = [modules] if isinstance(modules, nn.Module) else list(modules)
+    return {id(unwrap(entry)) for entry in entries if find_layer_adapter(unwrap(entry)) is not None}
+
+
+def choose_layers(
+    modules: ModuleSpec,
+    layer_filter: Callable[[Dict[str, nn.Module]], Any],
+    ignore_layer_names: List[str],
+    include_conv: bool,
+    blocks: BlockTypes,
+    options: AdapterOptions,
+    memory_budget: Optional[int],
+) -> Tuple["OrderedDict[str, nn.Module]", Dict[str, int]]:
+    """The layers a tracker records, and those ``memory_budget`` leaves out.
+
+    The layers of :func:`find_layers`, through ``layer_filter``, without
+    ``ignore_layer_names``. A layer found inside a model whose covariance would
+    exceed ``memory_budget`` is left out with one warning listing all of them;
+    a layer given itself in ``modules`` is refused instead.
+
+    Returns
+    -------
+    tuple
+        Layer name to module, and name to the bytes per mode of each layer left out.
+
+    Raises
+    ------
+    ValueError
+        Naming the parameter, when ``modules`` holds no trackable layer or is not
+        a module (list), when ``layer_filter`` returns no dict, or when a layer
+        given itself exceeds ``memory_budget``.
+    """
+    try:
+        found = find_layers(modules, include_conv=include_conv, blocks=blocks)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    filtered = layer_filter(found)
+    if not isinstance(filtered, Mapping):
+        raise ValueError(f"layer_filter must return a dict of layer name to module, got {type(filtered).__name__}")
+    chosen = OrderedDict((name, layer) for name, layer in filtered.items() if name not in ignore_layer_names)
+    explicit = _explicit_layers(modules)
+    is_block = block_matcher(blocks)
+    skipped: Dict[str, int] = {}
+    for name, layer in list(chosen.items()):
+        try:
+            check_layer_memory(name, layer, options, memory_budget)
+        except CovarianceMemoryError:
+            if id(layer) in explicit:
+                raise
+            dim = layer_adapter(layer, is_block).features(layer, options)
+            skipped[name] = check_layer_memory(name, layer, options, None, dim=dim)
+            del chosen[name]
+    if skipped:
+        listed = ", ".join(f"{name} ({nbytes / 2**30:.3g} GiB)" for name, nbytes in skipped.items())
+        warnings.warn(
+            f"delve leaves out {len(skipped)} layer(s) whose covariance would exceed memory_budget={memory_budget} "
+            f"bytes per mode: {listed}. Raise memory_budget or pass the layer in modules to track it anyway.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if not chosen:
+        raise ValueError(
+            "modules contains no layer delve can track (after include_conv, layer_filter, "
+            "ignore_layer_names and memory_budget); supported are Linear, Conv1D of transformers, "
+            "Conv/ConvTranspose 1d-3d, RNN/LSTM/GRU and their cells, MultiheadAttention, blocks named in "
+            "blocks=, and types added with delve.register_adapter"
+        )
+    return chosen, skipped
+

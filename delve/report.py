@@ -311,7 +311,7 @@ def _evidence_html(finding: Finding) -> str:
         + "".join(f"<td class='num'>{_number(numbers.get(key))}</td>" for key, _ in columns) + "</tr>"
         for name, numbers in layers.items()
     )
-    table = (f"<table class='evidence'><thead><tr><th>layer</th>"
+    table = ("<table class='evidence'><thead><tr><th>layer</th>"
              + "".join(f"<th>{label}</th>" for _, label in columns) + f"</tr></thead><tbody>{rows}</tbody></table>"
              if rows else "")
     mode = finding.evidence.get("mode")

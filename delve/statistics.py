@@ -28,7 +28,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -355,6 +355,41 @@ _builtin("cond", metrics.condition_number)
 _builtin("entropy", metrics.matrix_entropy)
 _builtin("alpha", metrics.power_law_exponent)
 _BUILTIN_KEYS = frozenset(_REGISTRY)
+
+
+def normalize_keys(stats: Any) -> List[str]:
+    """Validate a tracker's ``stats``: a key or a list of keys, without repeats.
+
+    0.1.50's per-mode spellings such as ``'lsat_eval'`` mean their base key.
+
+    Raises
+    ------
+    ValueError
+        Naming ``stats`` and the valid keys, for an empty list, a key that is
+        not a statistic, or anything but a str or a list of them.
+
+    Examples
+    --------
+    >>> normalize_keys("idim"), normalize_keys(["lsat", "lsat_eval", "trc"])
+    (['idim'], ['lsat', 'trc'])
+    """
+    if isinstance(stats, str):
+        requested = [stats]
+    elif isinstance(stats, Iterable) and not isinstance(stats, Mapping):
+        requested = list(stats)
+    else:
+        raise ValueError(f"stats must be a statistic key or a list of them (e.g. ['lsat', 'idim']), got {stats!r}")
+    if not requested:
+        raise ValueError(f"stats is empty: name at least one statistic, from {', '.join(map(repr, statistic_keys()))}")
+    normalized: List[str] = []
+    for stat in requested:
+        base = stat
+        if isinstance(stat, str) and stat not in STATMAP and stat.rsplit("_", 1)[-1] in MODES:
+            base = stat.rsplit("_", 1)[0]
+        get_statistic(base if isinstance(base, str) else repr(base))
+        if base not in normalized:
+            normalized.append(base)
+    return normalized
 
 
 def statistics_of(keys: Sequence[str]) -> List[Statistic]:

@@ -6,17 +6,18 @@ which gives every public name, as in 0.1.50).
 """
 from typing import Any
 
-from delve.covariance import TorchCovarianceMatrix
-from delve.logger import log
-from delve.metrics import (
+# Re-exported as 0.1.50's module exposed them.
+from delve.covariance import TorchCovarianceMatrix  # noqa: F401
+from delve.logger import log  # noqa: F401
+from delve.metrics import (  # noqa: F401
     compute_cov_determinant,
     compute_cov_trace,
     compute_diag_trace,
     compute_intrinsic_dimensionality,
     compute_saturation,
 )
-from delve.tracker import CheckLayerSat, SaturationTracker
-from delve.writers import STATMAP, WRITERS, CompositWriter
+from delve.tracker import CheckLayerSat, SaturationTracker  # noqa: F401
+from delve.writers import STATMAP, WRITERS, CompositWriter  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -11,32 +11,30 @@ import contextlib
 import functools
 import numbers
 import os
-import shutil
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from delve import distributed, metrics, statistics
-from delve.adapters import BLOCK_ADAPTER, AdapterOptions, LayerAdapter, check_layer_memory, find_layer_adapter
-from delve.classes import ClassMoments, merged_across_ranks
+from delve.adapters import AdapterOptions, check_layer_memory
+from delve.classes import ClassMoments
 from delve.compat import TrackerCompat
-from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, resolve_sample_rows
+from delve.covariance import TorchCovarianceMatrix, resolve_sample_rows
 from delve.hooks import HookHandle, LayerRecorder, RecordingContext, fast_path_owners, takes_hook_keywords
-from delve.layers import BlockTypes, ModuleSpec, block_matcher, find_layers, unwrap
+from delve.layers import BlockTypes, ModuleSpec, block_matcher, choose_layers, layer_adapter, unwrap
+from delve.results import StatisticsComputer
 from delve.summary import tracking_summary
-from delve.validation import check_integer, check_path
-from delve.writers import SaveTo, build_writer, check_save_to
+from delve.validation import check_device, check_integer, check_names, check_path
+from delve.writers import SaveTo, check_save_to
+from delve.writers.runs import open_writers
 from delve.writers.base import MODES, STATMAP, AbstractWriter
 
 _STATE_VERSION = 1
-
-#: Seconds ``add_saturations()`` runs before it shows a progress bar (quick calls show none).
-PROGRESS_DELAY_S = 2.0
 
 #: Statistic keys accepted by ``stats`` when delve is imported (see :func:`delve.register_statistic`).
 SUPPORTED_STATS = tuple(STATMAP)
@@ -46,65 +44,6 @@ _LayerFilter = Callable[[Dict[str, nn.Module]], Dict[str, nn.Module]]
 
 def _keep_all_layers(layers: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
     return layers
-
-
-def _normalize_stats(stats: Union[str, Iterable[str]]) -> List[str]:
-    """Validate ``stats``; ``'lsat_eval'``-style keys of 0.1.50 mean their base key."""
-    if isinstance(stats, str):
-        requested = [stats]
-    elif isinstance(stats, Iterable) and not isinstance(stats, Mapping):
-        requested = list(stats)
-    else:
-        raise ValueError(f"stats must be a statistic key or a list of them (e.g. ['lsat', 'idim']), got {stats!r}")
-    if not requested:
-        raise ValueError(
-            f"stats is empty: name at least one statistic, from {', '.join(map(repr, statistics.statistic_keys()))}"
-        )
-    normalized: List[str] = []
-    for stat in requested:
-        base = stat
-        if isinstance(stat, str) and stat not in STATMAP and stat.rsplit("_", 1)[-1] in MODES:
-            base = stat.rsplit("_", 1)[0]
-        statistics.get_statistic(base if isinstance(base, str) else repr(base))
-        if base not in normalized:
-            normalized.append(base)
-    return normalized
-
-
-def _resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device: {error}") from None
-    if resolved.type == "meta":
-        raise ValueError("device='meta' holds no data; use None (beside the activations), 'cpu' or 'cuda'")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(
-            f"device={device!r} but CUDA is not available; delve keeps its statistics on the "
-            "device of the activations instead",
-            stacklevel=3,
-        )
-        return None
-    return resolved
-
-
-def _layer_names(parameter: str, names: Union[str, Iterable[str]]) -> List[str]:
-    """A str is one name (not its characters); otherwise an iterable of str."""
-    if isinstance(names, str):
-        return [names]
-    if isinstance(names, Iterable) and not isinstance(names, Mapping):
-        listed = list(names)
-        if all(isinstance(name, str) for name in listed):
-            return listed
-    raise ValueError(f"{parameter} must be a layer name or a list of layer names, got {names!r}")
-
-
-def _explicit_layers(modules: ModuleSpec) -> set:
-    """Identities of the layers given themselves in ``modules`` (not found inside a model)."""
-    entries = [modules] if isinstance(modules, nn.Module) else list(modules)
-    return {id(unwrap(entry)) for entry in entries if find_layer_adapter(unwrap(entry)) is not None}
 
 
 class SaturationTracker(TrackerCompat):
@@ -267,7 +206,7 @@ class SaturationTracker(TrackerCompat):
         # Nothing is written with nosave=True, so an empty savefile is harmless there (callbacks probe with it).
         self.savefile = os.fspath(savefile) if nosave and savefile == "" else check_path("savefile", savefile)
         check_save_to(save_to)
-        self.stats = _normalize_stats(stats)
+        self.stats = statistics.normalize_keys(stats)
         self.threshold = metrics.check_share("sat_threshold", sat_threshold)
         self.log_interval = check_integer("log_interval", log_interval, 1)
         self.max_samples = check_integer("max_samples", max_samples, 1, optional=True)
@@ -301,10 +240,10 @@ class SaturationTracker(TrackerCompat):
         self.include_conv = include_conv
         self.conv_method = conv_method
         self.timeseries_method = timeseries_method
-        self.ignore_layer_names = _layer_names("ignore_layer_names", ignore_layer_names)
+        self.ignore_layer_names = check_names("ignore_layer_names", ignore_layer_names)
         self.nosave = nosave
         self.verbose = verbose
-        self.device = _resolve_device(device)
+        self.device = check_device(device)
         self.process_group = distributed.resolve_group(process_group)
         self.epoch = self.initial_epoch
         self.last_results: Dict[str, Any] = {}
@@ -316,17 +255,24 @@ class SaturationTracker(TrackerCompat):
             mask_padding=bool(mask_padding),
         )
         self._is_block = block_matcher(blocks)
-        self.layers: "OrderedDict[str, nn.Module]" = self._choose_layers(modules, layer_filter, include_conv, blocks)
+        self.layers, self.skipped_layers = choose_layers(
+            modules, layer_filter, self.ignore_layer_names, include_conv, blocks, self.options, self.memory_budget
+        )
         self._recorders: "OrderedDict[str, LayerRecorder]" = OrderedDict(
             (name, self._new_recorder(name, layer, index)) for index, (name, layer) in enumerate(self.layers.items())
         )
         self._epoch_dirty = False
-        self._skipped_reported: Dict[str, int] = {}
-        self._warned_few_samples: set = set()
-        self._warned_unlabelled: set = set()
+        self._statistics = StatisticsComputer(
+            self.stats, self.threshold, layerwise_sat, average_sat, self.process_group
+        )
 
         writes_files = distributed.is_main_process(self.process_group)
-        self.writer: AbstractWriter = self._build_writer(save_to, writer_args, writes_files)
+        # Under torch.distributed only rank 0 writes; the other ranks get a writer that drops everything.
+        self.writer: AbstractWriter = (
+            open_writers(save_to, writer_args, self.savefile, self.initial_epoch, self.nosave)
+            if writes_files
+            else distributed.NullWriter(**dict(writer_args or {}, savepath=self.savefile))
+        )
         roots = [unwrap(entry) for entry in ([modules] if isinstance(modules, nn.Module) else modules)]
         self._handle = HookHandle(
             self._recorders.values(),
@@ -340,58 +286,6 @@ class SaturationTracker(TrackerCompat):
             print(self.summary())
 
     # ------------------------------------------------------------ set-up
-    def _choose_layers(
-        self, modules: ModuleSpec, layer_filter: _LayerFilter, include_conv: bool, blocks: BlockTypes
-    ) -> "OrderedDict[str, nn.Module]":
-        try:
-            found = find_layers(modules, include_conv=include_conv, blocks=blocks)
-        except TypeError as error:
-            raise ValueError(str(error)) from None
-        filtered = layer_filter(found)
-        if not isinstance(filtered, Mapping):
-            raise ValueError(
-                f"layer_filter must return a dict of layer name to module, got {type(filtered).__name__}"
-            )
-        candidates = OrderedDict(
-            (name, layer) for name, layer in filtered.items() if name not in self.ignore_layer_names
-        )
-        explicit = _explicit_layers(modules)
-        self.skipped_layers: Dict[str, int] = {}
-        for name, layer in list(candidates.items()):
-            try:
-                check_layer_memory(name, layer, self.options, self.memory_budget)
-            except CovarianceMemoryError:
-                if id(layer) in explicit:
-                    raise
-                dim = self._adapter(layer).features(layer, self.options)
-                self.skipped_layers[name] = check_layer_memory(name, layer, self.options, None, dim=dim)
-                del candidates[name]
-        if self.skipped_layers:
-            listed = ", ".join(f"{name} ({nbytes / 2**30:.3g} GiB)" for name, nbytes in self.skipped_layers.items())
-            warnings.warn(
-                f"delve leaves out {len(self.skipped_layers)} layer(s) whose covariance would exceed "
-                f"memory_budget={self.memory_budget} bytes per mode: {listed}. Raise memory_budget or pass the "
-                "layer in modules to track it anyway.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if not candidates:
-            raise ValueError(
-                "modules contains no layer delve can track (after include_conv, layer_filter, "
-                "ignore_layer_names and memory_budget); supported are Linear, Conv1D of transformers, "
-                "Conv/ConvTranspose 1d-3d, RNN/LSTM/GRU and their cells, MultiheadAttention, blocks named in "
-                "blocks=, and types added with delve.register_adapter"
-            )
-        return candidates
-
-    def _adapter(self, layer: nn.Module) -> LayerAdapter:
-        if self._is_block(layer):
-            return BLOCK_ADAPTER
-        adapter = find_layer_adapter(layer)
-        if adapter is None:
-            raise ValueError(f"layer_filter returned {type(layer).__name__}, a module delve cannot track")
-        return adapter
-
     def _new_recorder(self, name: str, layer: nn.Module, index: int) -> LayerRecorder:
         accumulators = {
             mode: TorchCovarianceMatrix(
@@ -407,7 +301,7 @@ class SaturationTracker(TrackerCompat):
         classes = None
         if any(key in statistics.CLASS_STATISTICS for key in self.stats):
             classes = {mode: ClassMoments(self.num_classes) for mode in MODES}
-        return LayerRecorder(name, layer, self._adapter(layer), self._context, accumulators, classes)
+        return LayerRecorder(name, layer, layer_adapter(layer, self._is_block), self._context, accumulators, classes)
 
     def _add_layer(self, name: str, layer: nn.Module) -> None:
         """Track one more layer, given by the user (so its memory budget is enforced with an error)."""
@@ -416,41 +310,6 @@ class SaturationTracker(TrackerCompat):
         self.layers[name] = layer
         self._recorders[name] = recorder
         self._handle.add(recorder)
-
-    def _build_writer(self, save_to: SaveTo, writer_args: Optional[Mapping[str, Any]], writes_files: bool) -> AbstractWriter:
-        """The writers (rank 0 only under torch.distributed), with an earlier run moved aside or resumed."""
-        arguments = dict(writer_args or {})
-        arguments.setdefault("savepath", self.savefile)
-        if not writes_files:
-            return distributed.NullWriter(**arguments)
-        writer = build_writer(save_to, arguments)
-        if self.nosave:
-            return writer
-        os.makedirs(os.path.abspath(self.savefile), exist_ok=True)
-        if self.initial_epoch == 0:
-            self._move_previous_run(writer.previous_outputs())
-        else:
-            writer.resume_from_saved_state(self.initial_epoch)
-        return writer
-
-    def _move_previous_run(self, paths: Sequence[str]) -> None:
-        """Move an earlier run's outputs to ``savefile + '.previous'``, keeping their layout."""
-        if not paths:
-            return
-        base = os.path.dirname(os.path.abspath(self.savefile))
-        backup = os.path.abspath(self.savefile) + ".previous"
-        if os.path.isdir(backup):
-            shutil.rmtree(backup)
-        for path in paths:
-            target = os.path.join(backup, os.path.relpath(os.path.abspath(path), base))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(path, target)
-        warnings.warn(
-            f"delve starts a fresh run in {self.savefile!r}, which held {len(paths)} output file(s) of an "
-            f"earlier run; they were moved to {backup!r} (replacing an older backup). Pass initial_epoch=E "
-            "to continue a run instead.",
-            stacklevel=4,
-        )
 
     # ------------------------------------------------------------- recording
     def is_recording(self) -> bool:
@@ -514,25 +373,6 @@ class SaturationTracker(TrackerCompat):
         self._context.manual_labels = labels
 
     # ------------------------------------------------------------ statistics
-    def _synced_accumulators(self) -> Dict[Tuple[str, str], TorchCovarianceMatrix]:
-        """``(layer, mode)`` to accumulator, merged over all ranks under torch.distributed (local ones untouched)."""
-        local = {
-            (name, mode): state.accumulator
-            for name, recorder in self._recorders.items()
-            for mode, state in recorder.modes.items()
-        }
-        row_meshes = {
-            name: recorder.row_mesh for name, recorder in self._recorders.items() if recorder.row_mesh is not None
-        }
-        distributed.check_row_meshes(row_meshes, self.process_group)
-        return distributed.sync_accumulators(local, self.process_group)
-
-    def _requested(self) -> List[statistics.Statistic]:
-        entries = [statistics.get_statistic(key) for key in self.stats]
-        if self.average_sat and "lsat" not in self.stats:
-            entries.append(statistics.get_statistic("lsat"))
-        return entries
-
     def compute(self) -> Dict[str, Any]:
         """Statistics of everything recorded since the last reset, without writing or resetting.
 
@@ -546,149 +386,7 @@ class SaturationTracker(TrackerCompat):
             which no layer saw any data is left out; a layer without data in a
             mode that has data gets NaN (0 for ``samples``).
         """
-        accumulators = self._synced_accumulators()
-        requested = self._requested()
-        counts = {key: accumulator.count for key, accumulator in accumulators.items()}
-        active = [mode for mode in MODES if any(counts[(name, mode)] for name in self._recorders)]
-        classes = self._synced_classes({key: accumulator.dim or 0 for key, accumulator in accumulators.items()})
-        inputs = self._layer_inputs(accumulators, counts, active, statistics.needs_eigenvalues(requested), classes)
-        results: Dict[str, Any] = {}
-        for mode in active:
-            saturations = []
-            for name in self._recorders:
-                layer_inputs = inputs.get((name, mode))
-                for entry in requested:
-                    if entry.key not in self.stats:
-                        continue
-                    if layer_inputs is not None:
-                        value = statistics.evaluate(entry, layer_inputs)
-                    elif entry.array:
-                        continue
-                    else:
-                        value = entry.empty
-                    if self.layerwise_sat:
-                        results[f"{mode}-{entry.name}_{name}"] = value
-                if self.average_sat:
-                    saturations.append(
-                        np.nan if layer_inputs is None else metrics.saturation_from_eigenvalues(
-                            layer_inputs.eigenvalues, self.threshold
-                        )
-                    )
-            if self.average_sat:
-                finite = [value for value in saturations if not np.isnan(value)]
-                results[f"average-{mode}-sat"] = float(np.mean(finite)) if finite else float("nan")
-        self._warn_few_samples(inputs)
-        return results
-
-    def _synced_classes(self, dims: Mapping[Tuple[str, str], int]) -> Dict[Tuple[str, str], ClassMoments]:
-        """``(layer, mode)`` to per-class sums merged over all ranks (empty without class statistics)."""
-        local = {
-            (name, mode): moments
-            for name, recorder in self._recorders.items()
-            if recorder.classes is not None
-            for mode, moments in recorder.classes.items()
-        }
-        if not local:
-            return {}
-        return merged_across_ranks(local, {key: dims[key] for key in local}, self.process_group)
-
-    def _complete_classes(self, key: Tuple[str, str], moments: Optional[ClassMoments], count: int) -> Optional[ClassMoments]:
-        """``moments`` if every sample of the layer had a label, else ``None`` (warned once per layer)."""
-        if moments is None:
-            return None
-        labelled = round(moments.count)
-        if labelled == count:
-            return moments
-        if key[0] not in self._warned_unlabelled:
-            self._warned_unlabelled.add(key[0])
-            warnings.warn(
-                f"layer {key[0]!r} has labels for {labelled} of its {count} {key[1]} samples, so its "
-                "class-conditional statistics are NaN: call tracker.set_labels(labels) before every forward pass "
-                "(class statistics need one sample per input: a Linear on vectors, a pooled convolution)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return None
-
-    def _layer_inputs(
-        self,
-        accumulators: Mapping[Tuple[str, str], TorchCovarianceMatrix],
-        counts: Mapping[Tuple[str, str], int],
-        modes: Sequence[str],
-        with_eigenvalues: bool,
-        classes: Mapping[Tuple[str, str], ClassMoments],
-    ) -> Dict[Tuple[str, str], statistics.LayerInputs]:
-        """Inputs of the statistics for every layer and mode with data (eigenvalues of all in one go)."""
-        keys = [(name, mode) for mode in modes for name in self._recorders if counts[(name, mode)]]
-        covariances = [accumulators[key].compute() for key in keys]
-        eigenvalues: List[Optional[torch.Tensor]] = [None] * len(keys)
-        if with_eigenvalues:
-            eigenvalues = list(self._eigenvalues(covariances))
-        return {
-            key: statistics.LayerInputs(
-                covariance=covariance,
-                mean=accumulators[key].mean,
-                count=counts[key],
-                threshold=self.threshold,
-                samples=accumulators[key].saved_samples,
-                eigenvalues=values,
-                classes=self._complete_classes(key, classes.get(key), counts[key]),
-            )
-            for key, covariance, values in zip(keys, covariances, eigenvalues)
-        }
-
-    def _eigenvalues(self, covariances: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Eigenvalues of every covariance, with a progress bar when it takes more than two seconds."""
-        from tqdm.auto import tqdm
-
-        with tqdm(
-            total=len(covariances),
-            desc="delve: eigendecompositions",
-            unit="layer",
-            delay=PROGRESS_DELAY_S,
-            leave=False,
-            disable=not distributed.is_main_process(self.process_group),
-        ) as progress:
-            for covariance in covariances:
-                yield metrics.eigenvalues(covariance)
-                progress.update(1)
-
-    def _warn_few_samples(self, inputs: Mapping[Tuple[str, str], statistics.LayerInputs]) -> None:
-        """One warning naming every layer that saw fewer samples than it has features (each layer once per run)."""
-        listed = []
-        for (name, mode), layer_inputs in inputs.items():
-            features = layer_inputs.covariance.shape[0]
-            if layer_inputs.count < features and name not in self._warned_few_samples:
-                self._warned_few_samples.add(name)
-                bound = layer_inputs.count / features
-                listed.append(f"{name!r} ({layer_inputs.count} samples in {mode} mode, {features} features: "
-                              f"at most {bound:.3g})")
-        if listed:
-            warnings.warn(
-                f"{len(listed)} layer(s) saw fewer samples than they have features, so their saturation is "
-                f"bounded by samples / features, not by what the layer does: {'; '.join(listed)}. Record more "
-                "batches (or more rows per batch) before reading them.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _warn_skipped_batches(self) -> None:
-        """One warning per epoch in which batches were left out, with the counts per layer."""
-        counts = []
-        for name, recorder in self._recorders.items():
-            total = sum(state.accumulator.num_skipped_batches for state in recorder.modes.values())
-            new = total - self._skipped_reported.get(name, 0)
-            self._skipped_reported[name] = 0 if self.reset_covariance else total
-            if new > 0:
-                counts.append(f"{new} of {name!r}")
-        if counts:
-            warnings.warn(
-                f"delve left out batches in epoch {self.epoch}: {', '.join(counts)}, because they held NaN or "
-                "Inf or values too large to square in float32 (beyond about 1e18); the statistics use the "
-                "other batches",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        return self._statistics.compute(self._recorders)
 
     def reset(self) -> None:
         """Forget every recorded sample and restart the per-epoch counters."""
@@ -697,13 +395,7 @@ class SaturationTracker(TrackerCompat):
     def _reset(self, accumulators: bool) -> None:
         """Restart the per-epoch counters (``log_interval``, ``max_samples``), and the samples if asked."""
         for recorder in self._recorders.values():
-            for state in recorder.modes.values():
-                if accumulators:
-                    state.accumulator.reset()
-                state.calls = state.rows = 0
-            if accumulators and recorder.classes is not None:
-                for moments in recorder.classes.values():
-                    moments.reset()
+            recorder.reset(accumulators)
 
     def _check_open(self, action: str) -> None:
         if self._closed:
@@ -725,7 +417,7 @@ class SaturationTracker(TrackerCompat):
         self._check_open("add_saturations()")
         results = self.compute()
         self.writer = distributed.writer_for_rank(self.writer, self.process_group)
-        self._warn_skipped_batches()
+        self._statistics.warn_skipped_batches(self._recorders, self.epoch, cumulative=not self.reset_covariance)
         if not self.nosave and results:
             self.writer.add_scalars("", results, global_step=self.epoch)
         if self.verbose and distributed.is_main_process(self.process_group):
@@ -839,18 +531,7 @@ class SaturationTracker(TrackerCompat):
             "version": _STATE_VERSION,
             "epoch": self.epoch,
             "record": self.record,
-            "layers": {
-                name: {
-                    mode: {
-                        "accumulator": state.accumulator.state_dict(),
-                        "calls": state.calls,
-                        "rows": state.rows,
-                        **({} if recorder.classes is None else {"classes": recorder.classes[mode].state_dict()}),
-                    }
-                    for mode, state in recorder.modes.items()
-                }
-                for name, recorder in self._recorders.items()
-            },
+            "layers": {name: recorder.state_dict() for name, recorder in self._recorders.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -870,14 +551,8 @@ class SaturationTracker(TrackerCompat):
             )
         self.epoch = state["epoch"]
         self.record = state["record"]
-        for name, modes in state["layers"].items():
-            for mode, saved_mode in modes.items():
-                target = self._recorders[name].modes[mode]
-                target.accumulator.load_state_dict(saved_mode["accumulator"])
-                target.calls = saved_mode["calls"]
-                target.rows = saved_mode["rows"]
-                if self._recorders[name].classes is not None and "classes" in saved_mode:
-                    self._recorders[name].classes[mode].load_state_dict(saved_mode["classes"])
+        for name, saved in state["layers"].items():
+            self._recorders[name].load_state_dict(saved)
 
     def close(self) -> None:
         """Remove every hook and close the writers; calling it again does nothing."""

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Optional
+import warnings
+from typing import Any, Iterable, List, Mapping, Optional
+
+import torch
 
 
 def check_integer(parameter: str, value: Any, minimum: int, optional: bool = False) -> Optional[int]:
@@ -61,3 +64,51 @@ def check_path(parameter: str, value: Any) -> str:
         if isinstance(path, str) and path.strip():
             return path
     raise ValueError(f"{parameter} must be a non-empty path (str or os.PathLike) such as 'runs/exp', got {value!r}")
+
+
+def check_device(device: Any) -> Optional[torch.device]:
+    """``device`` as a :class:`torch.device` that can hold statistics, or ``None`` (beside the activations).
+
+    A CUDA device on a machine without CUDA falls back to ``None`` with a
+    warning; ``'meta'`` (which holds no data) and anything that is no device are
+    refused with a ValueError naming ``device``.
+
+    Examples
+    --------
+    >>> check_device("cpu"), check_device(None)
+    (device(type='cpu'), None)
+    """
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device: {error}") from None
+    if resolved.type == "meta":
+        raise ValueError("device='meta' holds no data; use None (beside the activations), 'cpu' or 'cuda'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"device={device!r} but CUDA is not available; delve keeps its statistics on the "
+            "device of the activations instead",
+            stacklevel=3,
+        )
+        return None
+    return resolved
+
+
+def check_names(parameter: str, names: Any) -> List[str]:
+    """A list of names: a str is one name (not its characters), else an iterable of str.
+
+    Examples
+    --------
+    >>> check_names("ignore_layer_names", "enc"), check_names("ignore_layer_names", ("a", "b"))
+    (['enc'], ['a', 'b'])
+    """
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, Iterable) and not isinstance(names, Mapping):
+        listed = list(names)
+        if all(isinstance(name, str) for name in listed):
+            return listed
+    raise ValueError(f"{parameter} must be a layer name or a list of layer names, got {names!r}")
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import delve.tracker
+import delve.results
 from delve import SaturationTracker
 from reference import Capture, idim, population_cov
 
@@ -221,7 +221,7 @@ def test_progress_bar_only_when_slow(tmp_path, monkeypatch):
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
     tracker = SaturationTracker(str(tmp_path / "run"), "csv", model, nosave=True)
     for delay, expected in ((2.0, False), (0.0, True)):
-        monkeypatch.setattr(delve.tracker, "PROGRESS_DELAY_S", delay)
+        monkeypatch.setattr(delve.results, "PROGRESS_DELAY_S", delay)
         model(torch.randn(16, 8))
         err = io.StringIO()
         with redirect_stderr(err):
