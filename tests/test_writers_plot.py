@@ -291,3 +291,14 @@ def test_infinite_and_missing_values_never_break_a_figure(tmp_path, drawn):
     writer.save()
     assert os.listdir(tmp_path / "run") == ["run_det_epoch_0000.png"]
     assert drawn["profile"][0]["ylim"] == (0.0, pytest.approx(2.16))
+
+
+def test_sample_counts_stay_in_the_csv(tmp_path):
+    model = tiny_model()
+    tracker = SaturationTracker(str(tmp_path / "run"), save_to="plot", modules=model, stats=["lsat", "samples"],
+                                writer_args={"plot_every": 1})
+    run_epochs(tracker, model, range(1))
+    tracker.close()
+    files = sorted(os.listdir(tmp_path / "run"))
+    assert "run_lsat_epoch_0000.png" in files and not [name for name in files if "samples" in name]
+    assert any(column.startswith("train-samples_") for column in pd.read_csv(tmp_path / "run.csv", sep=";"))

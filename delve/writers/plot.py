@@ -36,6 +36,10 @@ from delve.writers.csv import CSVWriter, _is_scalar
 #: Statistics that also get a layers-by-epochs heatmap.
 EVOLUTION_STATS = ("lsat", "idim")
 
+#: Statistics without a per-layer profile figure: ``embed`` gets scatter plots, ``samples`` (a count, not a
+#: property of the layer) stays in the CSV.
+_NOT_PROFILED = ("embed", "samples")
+
 
 class CSVandPlottingWriter(CSVWriter):
     """Write the CSV and, after each epoch, PNG figures of the statistics into the run folder.
@@ -251,7 +255,7 @@ def _by_stat(grouped: Mapping[Tuple[str, str], Dict[str, Any]]) -> Dict[str, Dic
     result: Dict[str, Dict[str, Dict[str, float]]] = {}
     for (stat, mode), per_layer in grouped.items():
         values = {layer: _to_float(value) for layer, value in per_layer.items()}
-        if stat != "embed" and np.isfinite(list(values.values())).any():
+        if stat not in _NOT_PROFILED and np.isfinite(list(values.values())).any():
             result.setdefault(stat, {})[mode] = values
     return result
 
