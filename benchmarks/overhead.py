@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("mlp", "cnn", "lstm", "transformer")
+MODELS = ("mlp", "cnn", "vgg", "lstm", "transformer")
 CONFIGS = ("untracked", "tracked", "sampled")
 DEFAULT_SAMPLE_ROWS = 32
 
@@ -85,6 +85,16 @@ class ResNet18(nn.Module):
         return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
+def vgg_style() -> nn.Sequential:
+    """Six 3x3 convolutions 3-32-32-64-64-128-128 (strides 1, 1, 2, 1, 2, 1) with ReLU, then a linear head."""
+    layers: List[nn.Module] = []
+    in_channels = 3
+    for channels, stride in zip((32, 32, 64, 64, 128, 128), (1, 1, 2, 1, 2, 1)):
+        layers += [nn.Conv2d(in_channels, channels, 3, stride, 1), nn.ReLU()]
+        in_channels = channels
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, 10))
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self, inputs: int = 64, hidden: int = 256, num_classes: int = 10) -> None:
         super().__init__()
@@ -123,6 +133,9 @@ def build(name: str, batch: Optional[int] = None) -> Tuple[nn.Module, torch.Tens
     if name == "cnn":
         batch = batch or 8
         return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,)), 16
+    if name == "vgg":
+        batch = batch or 32
+        return vgg_style(), torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,)), 16
     if name == "lstm":
         batch = batch or 32
         return LSTMClassifier(), torch.randn(batch, 50, 64), torch.randint(10, (batch,)), 16
@@ -389,6 +402,7 @@ def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: boo
 LABELS = {
     "mlp": "MLP 4x Linear 1024, batch 128",
     "cnn": "ResNet-18 32x32, batch 8",
+    "vgg": "VGG-style 6 conv 32x32, batch 32",
     "lstm": "LSTM 256, 50 steps, batch 32",
     "transformer": "Transformer d256 x4, 128 tokens, batch 8",
 }

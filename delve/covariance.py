@@ -58,6 +58,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from delve._gram import add_gram_product, mirror_lower, uses_inner_product
+
 Device = Union[str, torch.device, None]
 
 _STATE_VERSION = 1
@@ -80,40 +82,12 @@ _MIN_STAGED_ROWS = 1024
 #: Batches of fewer rows than features, or of at most this many values, are staged.
 _SMALL_BATCH_VALUES = 1 << 16
 
-#: Column-block width of the lower block triangle of a Gram matrix; narrower matrices get one GEMM.
-_GRAM_BLOCK = 128
+#: The shift a large batch is centered on is the mean of its leading ``1 / _SHIFT_SUBSET`` (see ``_add_batch``).
+_SHIFT_SUBSET = 8
 
 
 def _staging_rows(dim: int) -> int:
     return max(dim, _MIN_STAGED_ROWS)
-
-
-def _add_gram_product(
-    gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, alpha: float = 1.0
-) -> None:
-    """``gram = beta * gram + alpha * left @ right`` for a symmetric product, lower block triangle only.
-
-    ``left`` is ``(d, n)``, ``right`` its transpose. From ``2 * _GRAM_BLOCK``
-    features on, only the column blocks on and below the diagonal are computed
-    (about a third less work); :func:`_mirror_lower` fills in the rest.
-    """
-    dim = gram.shape[0]
-    if dim < 2 * _GRAM_BLOCK:
-        gram.addmm_(left, right, beta=beta, alpha=alpha)
-        return
-    for start in range(0, dim, _GRAM_BLOCK):
-        stop = start + _GRAM_BLOCK
-        gram[start:, start:stop].addmm_(left[start:], right[:, start:stop], beta=beta, alpha=alpha)
-
-
-def _mirror_lower(gram: torch.Tensor) -> None:
-    """Copy the lower block triangle written by :func:`_add_gram_product` onto the upper one."""
-    dim = gram.shape[0]
-    if dim < 2 * _GRAM_BLOCK:
-        return
-    for start in range(0, dim - _GRAM_BLOCK, _GRAM_BLOCK):
-        stop = start + _GRAM_BLOCK
-        gram[start:stop, stop:].copy_(gram[stop:, start:stop].T)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -324,7 +298,7 @@ class TorchCovarianceMatrix:
         self._buffers: Dict[str, torch.Tensor] = {}
         self._work_dtype: Optional[torch.dtype] = None
         self._num_staged = 0
-        self._staged_batches: List[Tuple[int, float]] = []
+        self._staged_batches: List[Tuple[int, float, torch.Tensor]] = []
         self._entries: List[Tuple[torch.Tensor, ...]] = []
         self._python_rng: Optional[random.Random] = None
         self._torch_rng: Optional[torch.Generator] = None
@@ -476,76 +450,95 @@ class TorchCovarianceMatrix:
         return flat[:numel].view(shape)
 
     def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
-        """Copy a small batch into the staging buffer; nothing else happens per batch."""
+        """Copy a small batch into the staging buffer, one column per sample, and take its norm."""
         dim = self._m2.shape[0]
         if self._num_staged + num_kept > _staging_rows(dim):
             self._close_staged()
-        target = self._buffer("staged", (_staging_rows(dim), dim))[self._num_staged : self._num_staged + num_kept]
+        cols = self._buffer("staged", (dim, _staging_rows(dim)))[:, self._num_staged : self._num_staged + num_kept]
         if x.ndim == 3:
-            target.view(x.shape[0], x.shape[2], dim).copy_(x.transpose(1, 2))
+            cols.view(dim, x.shape[0], x.shape[2]).copy_(x.transpose(0, 1))
         else:
-            target.copy_(x)
+            # A transposing copy into a contiguous matrix is blocked (fast); into columns of a wider one it is not.
+            cols.copy_(self._buffer("centered", (dim, num_kept)).copy_(x.T))
+        norm = torch.linalg.vector_norm(x, dtype=self._work_dtype)
         self._num_staged += num_kept
-        self._staged_batches.append((num_kept, weight))
+        self._staged_batches.append((num_kept, weight, norm))
 
     def _close_staged(self) -> None:
-        """The staged rows become one pending entry: batches that are not finite (or whose
-        squares would overflow) are dropped, the rest centered on their mean, one GEMM."""
+        """The staged samples become one pending entry: batches that are not finite (or whose
+        squares could overflow) are dropped, the rest centered on their mean, one GEMM.
+
+        The GEMM runs over the whole buffer (unused columns are zeroed and weigh
+        nothing), which keeps its operand contiguous for oneDNN.
+        """
         if not self._staged_batches:
             return
-        dim, num_staged = self._m2.shape[0], self._num_staged
-        rows = self._buffers["staged"][: num_staged * dim].view(num_staged, dim)
-        sizes = torch.tensor([size for size, _ in self._staged_batches])
-        host = torch.stack(
+        dim, used, capacity = self._m2.shape[0], self._num_staged, _staging_rows(self._m2.shape[0])
+        batches, self._staged_batches, self._num_staged = self._staged_batches, [], 0
+        cols = self._buffer("staged", (dim, capacity))
+        if used < capacity:
+            cols[:, used:].zero_()
+        # The group's weighted sum of squares must stay below max / (2 * _MAX_ENTRIES): each batch may
+        # hold its share, limit^2 per sample on average (a root-mean-square bound on its samples' norms).
+        limit = math.sqrt(torch.finfo(cols.dtype).max / (2.0 * capacity * _MAX_ENTRIES))
+        host = torch.tensor(
             [
-                torch.tensor([weight for _, weight in self._staged_batches], dtype=torch.float64),
-                torch.arange(len(self._staged_batches), dtype=torch.float64),
-            ]
-        ).repeat_interleave(sizes, dim=1)
-        row_weights, row_batch = _to_device(host, rows.device)
-        row_batch = row_batch.long()
-        num_batches = len(self._staged_batches)
-        self._staged_batches = []
-        self._num_staged = 0
-        # Every kept row adds at most limit^2 to the trace: the whole group stays below max / (2 * _MAX_ENTRIES).
-        limit = math.sqrt(torch.finfo(rows.dtype).max / (2.0 * _staging_rows(dim) * _MAX_ENTRIES))
-        row_bad = ~(torch.linalg.vector_norm(rows, dim=1) * row_weights.to(rows.dtype).sqrt() <= limit)
-        bad_rows_per_batch = torch.zeros(num_batches, dtype=rows.dtype, device=rows.device)
-        batch_bad = bad_rows_per_batch.index_add_(0, row_batch, row_bad.to(rows.dtype)) > 0
-        row_dropped = batch_bad[row_batch]
-        row_weights = row_weights.masked_fill(row_dropped, 0.0)
-        count = row_weights.sum()
-        rows.masked_fill_(row_dropped[:, None], 0.0)
-        row_weights = row_weights.to(rows.dtype)
-        total = count.to(rows.dtype).clamp_min(1.0)
-        rough = (row_weights @ rows).div_(total)
-        rows.sub_(rough)
+                [weight for _, weight, _ in batches] + [0.0],
+                [limit * math.sqrt(size / weight) for size, weight, _ in batches] + [0.0],
+                [size for size, _, _ in batches] + [capacity - used],
+            ],
+            dtype=torch.float64,
+        )
+        batch_weights, bounds, sizes = _to_device(host, cols.device)
+        sizes = sizes.long()
+        batch_bad = ~(torch.stack([norm for _, _, norm in batches]).to(torch.float64) <= bounds[:-1])
+        batch_weights[:-1].masked_fill_(batch_bad, 0.0)
+        count = batch_weights @ sizes.to(torch.float64)
+        dropped = torch.cat([batch_bad, batch_bad.new_zeros(1)]).repeat_interleave(sizes, output_size=capacity)
+        cols.masked_fill_(dropped, 0.0)
+        weights = batch_weights.to(cols.dtype).repeat_interleave(sizes, output_size=capacity)
+        total = count.to(cols.dtype).clamp_min(1.0)
+        rough = (cols @ weights).div_(total)
+        cols.sub_(rough[:, None])
         # A float32 GEMV sums without care: far from zero, its mean can miss by several standard
-        # deviations, which the GEMM would then square. The mean of the roughly centered rows is
+        # deviations, which the GEMM would then square. The mean of the roughly centered samples is
         # accurate, and the difference of two close float32 shifts is exact.
-        shift = rough + (row_weights @ rows).div_(total)
-        roots = row_weights.sqrt_()
-        rows.sub_(shift - rough).mul_(roots[:, None])
-        _add_gram_product(self._buffer("gram", (dim, dim)), rows.T, rows, beta=1.0 if self._entries else 0.0)
-        self._add_entry(count, shift, roots @ rows, batch_bad)
+        shift = rough + (cols @ weights).div_(total)
+        roots = weights.sqrt_()
+        cols.sub_((shift - rough)[:, None]).mul_(roots)
+        add_gram_product(self._buffer("gram", (dim, dim)), cols, beta=1.0 if self._entries else 0.0)
+        self._add_entry(count, shift, cols @ roots, batch_bad)
 
     def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
-        """A large batch: centered on its mean, one GEMM added to the pending Gram matrix."""
+        """A large batch: centered into a feature-major copy, one GEMM added to the pending Gram matrix.
+
+        Passes over the batch's values: the shift reads the leading eighth of the
+        batch; centering reads the batch and writes the copy; the GEMM and the sum
+        of the centered columns read the copy.
+        """
         self._close_staged()
         dim, dtype = self._m2.shape[0], self._work_dtype
+        # Any shift is exact (the fold corrects it with the sum of the centered rows); one close to the
+        # mean keeps the float32 GEMM accurate. The mean of any m of n rows lies within
+        # sigma * sqrt((n - m) / m) of the batch mean, per feature: within sqrt(7) sigma here.
+        lead = x[: max(1, x.shape[0] // _SHIFT_SUBSET)]
         if x.ndim == 3:
-            shift = x.mean(dim=(0, 2), dtype=dtype)
+            shift = lead.mean(dim=(0, 2), dtype=dtype)
             work = self._buffer("centered", (dim, x.shape[0], x.shape[2]))
-            centered = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
-            left, right, offset = centered, centered.T, centered.sum(dim=1)
+            cols = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
         else:
-            shift = x.mean(dim=0, dtype=dtype)
-            centered = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim)))
-            left, right, offset = centered.T, centered, centered.sum(dim=0)
+            shift = lead.mean(dim=0, dtype=dtype)
+            if uses_inner_product(x.device, dtype):
+                # oneDNN takes one sample per column: a transposing copy, then centering in place.
+                cols = self._buffer("centered", (dim, num_kept))
+                cols.copy_(x.T).sub_(shift[:, None])
+            else:
+                cols = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim))).T
+        offset = cols.sum(dim=1)
         first = not self._entries
-        # The staging buffer is free here (its rows were just closed): scratch for this batch's Gram.
+        # The staging buffer is free here (its samples were just closed): scratch for this batch's Gram.
         gram = self._buffer("gram" if first else "staged", (dim, dim))
-        _add_gram_product(gram, left, right, beta=0.0, alpha=weight)
+        add_gram_product(gram, cols, beta=0.0, alpha=weight)
         # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
         finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
         gram.masked_fill_(~finite, 0.0)
@@ -588,7 +581,7 @@ class TorchCovarianceMatrix:
         signs[added.shape[0] :] = -1.0
         dim = self._m2.shape[0]
         gram = self._buffer("gram", (dim, dim))
-        _mirror_lower(gram)
+        mirror_lower(gram)
         self._add_gram(gram)
         self._m2.addmm_((terms * signs).T, terms)
         self._mean.add_(delta * new_weight)
