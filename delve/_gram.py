@@ -50,9 +50,19 @@ def _onednn_inner_product() -> Optional[Callable[[torch.Tensor, torch.Tensor], t
     return _inner_product
 
 
-def uses_inner_product(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether Gram products of ``dtype`` matrices on ``device`` go through oneDNN (see the module docstring)."""
-    return device.type == "cpu" and dtype == torch.float32 and _onednn_inner_product() is not None
+#: Multiply-adds from which a product goes to oneDNN: below, its fixed cost (~10 us) outweighs its speed.
+MIN_INNER_PRODUCT_WORK = 1 << 20
+
+
+def uses_inner_product(device: torch.device, dtype: torch.dtype, dim: int, num: int) -> bool:
+    """Whether the Gram product of ``dim`` features over ``num`` samples of ``dtype`` on ``device``
+    goes through oneDNN (see the module docstring)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and dim * dim * num >= MIN_INNER_PRODUCT_WORK
+        and _onednn_inner_product() is not None
+    )
 
 
 def add_gram_product(gram: torch.Tensor, cols: torch.Tensor, beta: float, alpha: float = 1.0) -> None:
@@ -63,18 +73,22 @@ def add_gram_product(gram: torch.Tensor, cols: torch.Tensor, beta: float, alpha:
     matrices); :func:`mirror_lower` fills in the rest. ``beta`` is 0 or 1.
     """
     dim = gram.shape[0]
-    width = dim if dim < 2 * GRAM_BLOCK else GRAM_BLOCK
-    inner_product = _onednn_inner_product() if cols.is_contiguous() else None
-    if not uses_inner_product(cols.device, cols.dtype):
-        inner_product = None
-    for start in range(0, dim, width):
-        target, stop = gram[start:, start : start + width], start + width
+    use = cols.is_contiguous() and uses_inner_product(cols.device, cols.dtype, dim, cols.shape[1])
+    inner_product = _onednn_inner_product() if use else None
+    if dim < 2 * GRAM_BLOCK:
+        blocks = [(gram, cols, cols)]
+    else:
+        starts = range(0, dim, GRAM_BLOCK)
+        blocks = [(gram[start:, start : start + GRAM_BLOCK], cols[start:], cols[start : start + GRAM_BLOCK]) for start in starts]
+    for target, left, right in blocks:
         if inner_product is None:
-            target.addmm_(cols[start:], cols[start:stop].T, beta=beta, alpha=alpha)
+            target.addmm_(left, right.T, beta=beta, alpha=alpha)
         elif beta:
-            target.add_(inner_product(cols[start:], cols[start:stop]), alpha=alpha)
+            target.add_(inner_product(left, right), alpha=alpha)
+        elif alpha == 1.0:
+            target.copy_(inner_product(left, right))
         else:
-            torch.mul(inner_product(cols[start:], cols[start:stop]), alpha, out=target)
+            torch.mul(inner_product(left, right), alpha, out=target)
 
 
 def mirror_lower(gram: torch.Tensor) -> None:

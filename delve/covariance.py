@@ -52,9 +52,10 @@ order one over the number of rows kept.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -82,12 +83,24 @@ _MIN_STAGED_ROWS = 1024
 #: Batches of fewer rows than features, or of at most this many values, are staged.
 _SMALL_BATCH_VALUES = 1 << 16
 
+#: Scratch views kept per accumulator (one per slot and batch shape).
+_MAX_VIEWS = 16
+
 #: The shift a large batch is centered on is the mean of its leading ``1 / _SHIFT_SUBSET`` (see ``_add_batch``).
 _SHIFT_SUBSET = 8
 
 
 def _staging_rows(dim: int) -> int:
     return max(dim, _MIN_STAGED_ROWS)
+
+
+def _without_autocast(device_type: str) -> ContextManager[Any]:
+    """Autocast switched off (GEMMs in the working precision); no context at all where it is off already."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -296,10 +309,12 @@ class TorchCovarianceMatrix:
         self._m2: Optional[torch.Tensor] = None
         self._num_skipped: Optional[torch.Tensor] = None
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._views: Dict[Tuple[str, tuple], torch.Tensor] = {}
         self._work_dtype: Optional[torch.dtype] = None
         self._num_staged = 0
         self._staged_batches: List[Tuple[int, float, torch.Tensor]] = []
-        self._entries: List[Tuple[torch.Tensor, ...]] = []
+        self._staged_entries: List[Tuple[torch.Tensor, ...]] = []
+        self._direct_entries: List[Tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._python_rng: Optional[random.Random] = None
         self._torch_rng: Optional[torch.Generator] = None
         self._saved: List[torch.Tensor] = []
@@ -352,9 +367,11 @@ class TorchCovarianceMatrix:
         self._m2 = self._new_tensor((dim, dim), torch.float64, device, zero=True)
         self._num_skipped = self._new_tensor((), torch.int64, device, zero=True)
         self._buffers = {}
+        self._views = {}
         self._num_staged = 0
         self._staged_batches = []
-        self._entries = []
+        self._staged_entries = []
+        self._direct_entries = []
 
     def reset(self) -> None:
         """Forget every sample; keeps the allocated state (and its device)."""
@@ -363,7 +380,8 @@ class TorchCovarianceMatrix:
             self._mean.zero_()
             self._m2.zero_()
             self._num_skipped.zero_()
-        self._entries = []
+        self._staged_entries = []
+        self._direct_entries = []
         self._staged_batches = []
         self._num_staged = 0
         self._saved = []
@@ -411,7 +429,7 @@ class TorchCovarianceMatrix:
             x = self._sample(x, num_rows)
             weight = num_rows / self.sample_rows
         num_kept = num_samples(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _without_autocast(x.device.type):
             if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
                 self._stage(x, num_kept, weight)
             else:
@@ -442,12 +460,20 @@ class TorchCovarianceMatrix:
 
     def _buffer(self, slot: str, shape: tuple) -> torch.Tensor:
         """A contiguous scratch tensor of ``shape`` in the working precision, reused across
-        batches (fresh large allocations cost page faults on CPU); it only grows."""
+        batches (fresh large allocations cost page faults on CPU); it only grows. Views of
+        the shapes asked for are kept, so that a batch of a known shape costs a dict lookup."""
+        view = self._views.get((slot, shape))
+        if view is not None and view.dtype == self._work_dtype:
+            return view
         numel = math.prod(shape)
         flat = self._buffers.get(slot)
         if flat is None or flat.numel() < numel or flat.dtype != self._work_dtype:
             flat = self._buffers[slot] = self._new_tensor((numel,), self._work_dtype, self._m2.device)
-        return flat[:numel].view(shape)
+            self._views = {key: value for key, value in self._views.items() if key[0] != slot}
+        if len(self._views) >= _MAX_VIEWS:  # batches of ever new shapes (variable lengths)
+            self._views = {}
+        view = self._views[(slot, shape)] = flat[:numel].view(shape)
+        return view
 
     def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
         """Copy a small batch into the staging buffer, one column per sample, and take its norm."""
@@ -506,8 +532,8 @@ class TorchCovarianceMatrix:
         shift = rough + (cols @ weights).div_(total)
         roots = weights.sqrt_()
         cols.sub_((shift - rough)[:, None]).mul_(roots)
-        add_gram_product(self._buffer("gram", (dim, dim)), cols, beta=1.0 if self._entries else 0.0)
-        self._add_entry(count, shift, cols @ roots, batch_bad)
+        add_gram_product(self._buffer("gram", (dim, dim)), cols, beta=1.0 if self._staged_entries or self._direct_entries else 0.0)
+        self._add_entry(count, shift, cols @ roots, batch_bad.sum())
 
     def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
         """A large batch: centered into a feature-major copy, one GEMM added to the pending Gram matrix.
@@ -528,43 +554,68 @@ class TorchCovarianceMatrix:
             cols = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
         else:
             shift = lead.mean(dim=0, dtype=dtype)
-            if uses_inner_product(x.device, dtype):
+            if uses_inner_product(x.device, dtype, dim, num_kept):
                 # oneDNN takes one sample per column: a transposing copy, then centering in place.
                 cols = self._buffer("centered", (dim, num_kept))
                 cols.copy_(x.T).sub_(shift[:, None])
             else:
                 cols = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim))).T
         offset = cols.sum(dim=1)
-        first = not self._entries
+        first = not self._staged_entries and not self._direct_entries
         # The staging buffer is free here (its samples were just closed): scratch for this batch's Gram.
         gram = self._buffer("gram" if first else "staged", (dim, dim))
         add_gram_product(gram, cols, beta=0.0, alpha=weight)
         # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
-        finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
-        gram.masked_fill_(~finite, 0.0)
+        bad = (torch.trace(gram) <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)).logical_not_()
+        gram.masked_fill_(bad, 0.0)
         if not first:
             self._buffer("gram", (dim, dim)).add_(gram)
         if weight != 1.0:
             offset.mul_(weight)
-        self._add_entry(finite.to(torch.float64).mul_(num_rows), shift, offset, ~finite)
+        self._direct_entries.append((float(num_rows), shift, offset, bad))
+        if len(self._staged_entries) + len(self._direct_entries) >= _MAX_ENTRIES:
+            self._fold()
 
     def _add_entry(self, count: torch.Tensor, shift: torch.Tensor, offset: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Queue rows already in the pending Gram matrix: their (weighted) count, the shift they
-        were centered on, the sum of the centered rows and which of their batches were skipped."""
-        self._entries.append((count, shift, offset, skipped.sum()))
-        if len(self._entries) >= _MAX_ENTRIES:
+        """Queue staged samples already in the pending Gram matrix: their weighted count, the shift
+        they were centered on, the sum of the centered samples and how many batches were skipped."""
+        self._staged_entries.append((count, shift, offset, skipped))
+        if len(self._staged_entries) + len(self._direct_entries) >= _MAX_ENTRIES:
             self._fold()
+
+    def _pending(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Counts, shifts, offsets (float64) and the number of skipped batches of the pending GEMMs.
+
+        A large batch's count and skip flag follow from its size and whether its
+        Gram matrix was finite; they are worked out here, once per fold, rather
+        than per batch.
+        """
+        counts, shifts, offsets, skipped = [], [], [], []
+        if self._direct_entries:
+            bad = torch.stack([entry[3] for entry in self._direct_entries])
+            host = torch.tensor([entry[0] for entry in self._direct_entries], dtype=torch.float64)
+            counts.append(_to_device(host, bad.device).masked_fill_(bad, 0.0))
+            skipped.append(bad.sum())
+        if self._staged_entries:
+            counts.append(torch.stack([entry[0] for entry in self._staged_entries]))
+            skipped.append(torch.stack([entry[3] for entry in self._staged_entries]).sum())
+        for entry in self._direct_entries + self._staged_entries:
+            shifts.append(entry[1])
+            offsets.append(entry[2])
+        self._direct_entries, self._staged_entries = [], []
+        return (
+            torch.cat(counts),
+            torch.stack(shifts).to(torch.float64),
+            torch.stack(offsets).to(torch.float64),
+            torch.stack(skipped).sum(),
+        )
 
     def _fold(self) -> None:
         """Fold the pending entries into the float64 state, exactly (see the module docstring)."""
         self._close_staged()
-        if not self._entries:
+        if not self._staged_entries and not self._direct_entries:
             return
-        counts = torch.stack([entry[0] for entry in self._entries])
-        shifts = torch.stack([entry[1] for entry in self._entries]).to(torch.float64)
-        offsets = torch.stack([entry[2] for entry in self._entries]).to(torch.float64)
-        skipped = torch.stack([entry[3] for entry in self._entries]).sum()
-        self._entries = []
+        counts, shifts, offsets, skipped = self._pending()
         good = (counts > 0)[:, None]
         errors = torch.where(good, offsets / counts.clamp_min(1.0)[:, None], 0.0)
         means = torch.where(good, shifts + errors, 0.0)
