@@ -68,8 +68,11 @@ _STATE_VERSION = 1
 #: Seed of the row sampling of every accumulator that is not given one.
 DEFAULT_SAMPLE_SEED = 0
 
-#: Rows per batch that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py``).
+#: Fewest rows per batch that ``sample_rows=True`` keeps (see :func:`resolve_sample_rows`).
 DEFAULT_SAMPLE_ROWS = 32
+
+#: Rows per batch and feature that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py`` for the error).
+SAMPLE_ROWS_PER_FEATURE = 4
 
 #: Elements per chunk when the working-precision buffer is added to the float64 state.
 _FOLD_CHUNK = 1 << 16
@@ -202,20 +205,24 @@ def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int])
     return nbytes
 
 
-def resolve_sample_rows(sample_rows: Union[None, bool, int]) -> Optional[int]:
-    """Validate a ``sample_rows`` setting and turn it into rows per batch.
+def resolve_sample_rows(sample_rows: Union[None, bool, int], dim: Optional[int] = None) -> Union[None, bool, int]:
+    """Validate a ``sample_rows`` setting; given the layer's width, turn it into rows per batch.
 
     Parameters
     ----------
     sample_rows : None, bool or int
         ``None`` or ``False``: keep every row (exact statistics). ``True``:
-        keep :data:`DEFAULT_SAMPLE_ROWS` rows of each batch. An int ``m >= 2``:
-        keep ``m`` rows of each batch.
+        keep rows in proportion to the layer's width, ``max(DEFAULT_SAMPLE_ROWS,
+        SAMPLE_ROWS_PER_FEATURE * d)`` of each batch for ``d`` features. An int
+        ``m >= 2``: keep ``m`` rows of each batch.
+    dim : int, optional
+        The layer's width ``d`` (known at its first batch).
 
     Returns
     -------
-    int or None
-        Rows per batch, ``None`` for all of them.
+    None, bool or int
+        Without ``dim``: the setting, checked (``None``, ``True`` or an int).
+        With ``dim``: rows per batch, ``None`` for all of them.
 
     Raises
     ------
@@ -224,19 +231,22 @@ def resolve_sample_rows(sample_rows: Union[None, bool, int]) -> Optional[int]:
 
     Examples
     --------
-    >>> resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS, resolve_sample_rows(None), resolve_sample_rows(128)
+    >>> resolve_sample_rows(True), resolve_sample_rows(False), resolve_sample_rows(128)
     (True, None, 128)
+    >>> resolve_sample_rows(True, dim=4), resolve_sample_rows(True, dim=100), resolve_sample_rows(128, dim=4)
+    (32, 400, 128)
     """
     if sample_rows is None or sample_rows is False:
         return None
-    if sample_rows is True:
-        return DEFAULT_SAMPLE_ROWS
-    if isinstance(sample_rows, int) and sample_rows >= 2:
+    if sample_rows is not True and (not isinstance(sample_rows, int) or sample_rows < 2):
+        raise ValueError(
+            "sample_rows must be None (every row), True (rows in proportion to the layer's width: "
+            f"max({DEFAULT_SAMPLE_ROWS}, {SAMPLE_ROWS_PER_FEATURE} x features) per batch) or an int >= 2, "
+            f"got {sample_rows!r}"
+        )
+    if dim is None or sample_rows is not True:
         return sample_rows
-    raise ValueError(
-        f"sample_rows must be None (every row), True ({DEFAULT_SAMPLE_ROWS} rows per batch) or an int >= 2, "
-        f"got {sample_rows!r}"
-    )
+    return max(DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE * dim)
 
 
 def _check_optional_int(name: str, value: Any, minimum: int) -> None:
@@ -259,11 +269,12 @@ class TorchCovarianceMatrix:
         Keep up to ``max_saved_samples`` rows of the data (for the ``embed`` statistic).
     max_saved_samples : int
         How many rows ``save_data`` keeps.
-    sample_rows : int, optional
-        Keep only this many rows of each batch, drawn uniformly at random
-        without replacement and weighted so that the statistics stay unbiased
-        (see the module docstring). ``None`` (the default) keeps every row and
-        the statistics are exact.
+    sample_rows : None, bool or int
+        Keep only some rows of each batch, drawn uniformly at random without
+        replacement and weighted so that the statistics stay unbiased (see the
+        module docstring): an int ``m`` keeps ``m``, ``True`` keeps
+        ``max(32, 4 d)`` for ``d`` features (see :func:`resolve_sample_rows`).
+        ``None`` (the default) keeps every row and the statistics are exact.
     seed : int, optional
         Seed of the row sampling; ``None`` uses :data:`DEFAULT_SAMPLE_SEED`.
         The sampling never draws from torch's global random state.
@@ -288,19 +299,19 @@ class TorchCovarianceMatrix:
         device: Device = None,
         save_data: bool = False,
         max_saved_samples: int = 1000,
-        sample_rows: Optional[int] = None,
+        sample_rows: Union[None, bool, int] = None,
         seed: Optional[int] = None,
         memory_budget: Optional[int] = None,
         name: str = "",
     ) -> None:
-        _check_optional_int("sample_rows", sample_rows, 2)
+        resolve_sample_rows(sample_rows)
         _check_optional_int("seed", seed, 0)
         _check_optional_int("memory_budget", memory_budget, 1)
         self.bias = bias
         self.device = torch.device(device) if device is not None else None
         self.save_data = save_data
         self.max_saved_samples = max_saved_samples
-        self.sample_rows = sample_rows
+        self.sample_rows = resolve_sample_rows(sample_rows)
         self.seed = DEFAULT_SAMPLE_SEED if seed is None else seed
         self.memory_budget = memory_budget
         self.name = name
@@ -425,9 +436,10 @@ class TorchCovarianceMatrix:
             self._fold()
             self._work_dtype = work_dtype
         weight = 1.0
-        if self.sample_rows is not None and num_rows > self.sample_rows:
-            x = self._sample(x, num_rows)
-            weight = num_rows / self.sample_rows
+        rows_kept = resolve_sample_rows(self.sample_rows, dim)
+        if rows_kept is not None and num_rows > rows_kept:
+            x = self._sample(x, num_rows, rows_kept)
+            weight = num_rows / rows_kept
         num_kept = num_samples(x)
         with _without_autocast(x.device.type):
             if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
@@ -435,17 +447,17 @@ class TorchCovarianceMatrix:
             else:
                 self._add_batch(x, num_kept, num_rows, weight)
 
-    def _sample(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """``sample_rows`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
+    def _sample(self, x: torch.Tensor, num_rows: int, rows_kept: int) -> torch.Tensor:
+        """``rows_kept`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
         if x.device.type == "cpu":
             if self._python_rng is None:
                 self._python_rng = random.Random(self.seed)
-            index = torch.tensor(self._python_rng.sample(range(num_rows), self.sample_rows))
+            index = torch.tensor(self._python_rng.sample(range(num_rows), rows_kept))
         else:
             if self._torch_rng is None:
                 self._torch_rng = torch.Generator(device=x.device)
                 self._torch_rng.manual_seed(self.seed)
-            index = torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[: self.sample_rows]
+            index = torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[:rows_kept]
         if x.ndim == 2:
             return x.index_select(0, index.to(x.device))
         length = x.shape[2]

@@ -1,6 +1,7 @@
-"""benchmarks/overhead.py still runs and its analytic floor is right (no timing is asserted)."""
+"""benchmarks/overhead.py still runs and its analytic floor and sampling error are right (no timing is asserted)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 
@@ -25,6 +26,11 @@ def test_floor_of_square_linear_layers_is_one_third(overhead):
     assert overhead.analytic_floor(model, torch.randn(10, 64)) == pytest.approx(1 / 3)
     # Sampling 4 of 10 rows per batch leaves 4/10 of the Gram's work.
     assert overhead.analytic_floor(model, torch.randn(10, 64), sample_rows=4) == pytest.approx(4 / 30)
+    # The width rule keeps max(32, 4 x 64) = 256 of 1000 rows; fewer rows than that are all kept.
+    assert overhead.analytic_floor(model, torch.randn(1000, 64), sample_rows=True) == pytest.approx(256 / 3000)
+    assert overhead.analytic_floor(model, torch.randn(10, 64), sample_rows=True) == pytest.approx(1 / 3)
+    # A layer left out counts neither in the Gram's work nor in the training's.
+    assert overhead.analytic_floor(model, torch.randn(10, 64), ignore=("2",)) == pytest.approx(1 / 3)
 
 
 def test_floor_of_a_convolution(overhead):
@@ -33,9 +39,35 @@ def test_floor_of_a_convolution(overhead):
     assert overhead.analytic_floor(conv, torch.randn(2, 16, 8, 8)) == pytest.approx(1 / 27)
 
 
+def test_floor_of_a_transformers_conv1d(overhead):
+    # Conv1D(nf, nx) is a Linear nx -> nf with a transposed weight: Gram 2 n nf^2 over 3 x 2 n nx nf.
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    overhead.track_conv1d()
+    model = nn.Sequential(Conv1D(48, 16))
+    assert overhead.analytic_floor(model, torch.randn(4, 7, 16)) == pytest.approx(48 / (3 * 16))
+
+
+def test_sample_rows_argument(overhead):
+    assert overhead.parse_sample_rows("width") is True
+    assert overhead.parse_sample_rows("64") == 64
+    for bad in ("1", "all"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sample-rows"):
+            overhead.parse_sample_rows(bad)
+
+
+def test_sampling_error_is_zero_when_every_row_is_kept(overhead):
+    # No batch of the LSTM row has more than 32 rows: sampling 64 keeps them all, the statistics are exact.
+    errors = overhead.sampling_error("lstm", steps=2, sample_rows=64)
+    assert errors == {"saturation": 0.0, "idim": 0.0, "idim_relative": 0.0}
+
+
 def test_one_quick_run_prints_the_table(overhead, capsys):
     overhead.main(["--models", "lstm", "--repeats", "1", "--steps", "1", "--no-memory"])
     table = capsys.readouterr().out
-    for column in ("untracked ms/step", "delve ms/step", "overhead", "floor", "sampled 32 rows", "add_saturations s"):
+    columns = ("untracked ms/step", "delve ms/step", "overhead", "floor", "sampled (max(32, 4 d) rows)",
+               "sampling error: saturation / idim", "add_saturations s")
+    for column in columns:
         assert column in table
     assert "LSTM 256" in table

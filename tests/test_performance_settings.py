@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from delve.covariance import DEFAULT_SAMPLE_ROWS, TorchCovarianceMatrix, resolve_sample_rows
+from delve.covariance import DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE, TorchCovarianceMatrix, resolve_sample_rows
 
 
 def batches_with_distinct_means(dim: int, seed: int = 0):
@@ -104,7 +104,7 @@ def test_sampling_is_reproducible_and_leaves_global_rng_alone():
     [
         ({"sample_rows": 1}, "sample_rows"),
         ({"sample_rows": 0}, "sample_rows"),
-        ({"sample_rows": True}, "sample_rows"),
+        ({"sample_rows": "all"}, "sample_rows"),
         ({"sample_rows": 2.5}, "sample_rows"),
         ({"seed": -1}, "seed"),
         ({"memory_budget": 0}, "memory_budget"),
@@ -143,8 +143,31 @@ def test_update_never_reads_tensor_values_on_the_host(monkeypatch, sample_rows):
 def test_resolve_sample_rows():
     assert resolve_sample_rows(None) is None
     assert resolve_sample_rows(False) is None
-    assert resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS
+    assert resolve_sample_rows(True) is True
     assert resolve_sample_rows(64) == 64
+    # True: rows in proportion to the width, never fewer than DEFAULT_SAMPLE_ROWS; an int stays as it is.
+    assert resolve_sample_rows(True, dim=3) == DEFAULT_SAMPLE_ROWS
+    assert resolve_sample_rows(True, dim=500) == SAMPLE_ROWS_PER_FEATURE * 500
+    assert resolve_sample_rows(64, dim=500) == 64
+    assert resolve_sample_rows(None, dim=500) is None
     for bad in (0, 1, -3, 2.5, "all"):
         with pytest.raises(ValueError, match="sample_rows must be None"):
             resolve_sample_rows(bad)
+
+
+@pytest.mark.parametrize("dim,rows", [(4, 100), (40, 1000), (40, 100)])
+def test_width_rule_keeps_rows_in_proportion_to_the_width(dim, rows):
+    # sample_rows=True keeps max(32, 4 d) rows of each batch, all of them when the batch has fewer.
+    kept = min(rows, max(DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE * dim))
+    generator = torch.Generator().manual_seed(dim + rows)
+    batch = torch.randn(rows, dim, generator=generator)
+    calls = []
+    acc = TorchCovarianceMatrix(sample_rows=True)
+    original = acc._sample
+    acc._sample = lambda x, num_rows, rows_kept: calls.append(rows_kept) or original(x, num_rows, rows_kept)
+    acc.update(batch)
+    assert calls == ([kept] if kept < rows else [])
+    assert acc.count == rows
+    if kept == rows:  # nothing sampled: exact
+        data = batch.numpy().astype(np.float64)
+        np.testing.assert_allclose(acc.compute().numpy(), np.cov(data.T, bias=True), rtol=1e-5, atol=1e-6)
