@@ -68,14 +68,27 @@ def train_steps(
     target: torch.Tensor,
     steps: int,
 ) -> float:
-    """Mean seconds per training step over ``steps`` steps."""
+    """Mean seconds per training step over ``steps`` steps (waiting for a GPU's queue at both ends)."""
     loss_fn = nn.CrossEntropyLoss()
+    synchronize(data.device)
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(data), target).backward()
         optimizer.step()
+    synchronize(data.device)
     return (time.perf_counter() - start) / steps
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_on(name: str, device: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """:func:`bench_models.build` with the model and its batch on ``device``."""
+    model, data, target, steps = build(name)
+    return model.to(device), data.to(device), target.to(device), steps
 
 
 def make_tracker(impl: str, name: str, model: nn.Module, folder: str, sample_rows: Union[None, bool, int]) -> Any:
@@ -101,7 +114,13 @@ def state_bytes(tracker: Any) -> int:
 
 
 def time_model(
-    name: str, impl: str, configs: Tuple[str, ...], repeats: int, sample_rows: Union[bool, int], steps: Optional[int]
+    name: str,
+    impl: str,
+    configs: Tuple[str, ...],
+    repeats: int,
+    sample_rows: Union[bool, int],
+    steps: Optional[int],
+    device: str = "cpu",
 ) -> Dict[str, Any]:
     """Interleaved repeats of every configuration on one model; medians and raw times.
 
@@ -109,7 +128,7 @@ def time_model(
     are paused (their hooks return at once). delve 0.1.50 cannot pause, so
     there each configuration trains its own copy of the model.
     """
-    model, data, target, default_steps = build(name)
+    model, data, target, default_steps = build_on(name, device)
     steps = steps or default_steps
     shared = impl == "ours"
     models = {config: model if shared or config == "untracked" else copy.deepcopy(model) for config in configs}
@@ -174,7 +193,7 @@ def time_model(
     }
 
 
-def sampling_error(name: str, steps: int, sample_rows: Union[bool, int]) -> Dict[str, float]:
+def sampling_error(name: str, steps: int, sample_rows: Union[bool, int], device: str = "cpu") -> Dict[str, float]:
     """Largest difference over layers between sampled and exact statistics recorded in the same run.
 
     One model trains ``steps`` steps with two trackers on it, one exact and one
@@ -182,7 +201,7 @@ def sampling_error(name: str, steps: int, sample_rows: Union[bool, int]) -> Dict
     (``saturation``, a share) and in intrinsic dimensionality (``idim``,
     directions; ``idim_relative``, over the exact one).
     """
-    model, data, target, _ = build(name)
+    model, data, target, _ = build_on(name, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     folder = tempfile.mkdtemp(prefix="delve-error-")
     from delve import SaturationTracker
@@ -207,16 +226,17 @@ def sampling_error(name: str, steps: int, sample_rows: Union[bool, int]) -> Dict
     return errors
 
 
-def wide_layer_seconds(width: int = 4096, batches: int = 2) -> float:
+def wide_layer_seconds(width: int = 4096, batches: int = 2, device: str = "cpu") -> float:
     """Time of one ``add_saturations()`` of a tracker on a single ``width``-wide Linear layer."""
     from delve import SaturationTracker
 
     torch.manual_seed(0)
-    layer = nn.Linear(64, width)
+    layer = nn.Linear(64, width).to(device)
     tracker = SaturationTracker(tempfile.mkdtemp(prefix="delve-wide-"), "csv", layer, nosave=True)
     with torch.no_grad():
         for _ in range(batches):
-            layer(torch.randn(width, 64))
+            layer(torch.randn(width, 64, device=device))
+    synchronize(torch.device(device))
     start = time.perf_counter()
     tracker.add_saturations()
     seconds = time.perf_counter() - start
@@ -367,6 +387,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--delve-0150", default=None, metavar="PATH", help="folder holding delve 0.1.50's package")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the models train (cuda: no peak-memory column)")
     parser.add_argument("--format", choices=("md", "rst"), default="md")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every measurement here")
     parser.add_argument("--impl", default="ours", choices=("ours", "0150"), help=argparse.SUPPRESS)
@@ -382,6 +403,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         sys.path.insert(0, REPO)
     warnings.simplefilter("ignore")
+    if args.device != "cpu":
+        args.no_memory = True  # resident memory says nothing about a GPU's
     if args._memory:
         print(memory_child(args._memory[0], args.impl, args._memory[1], args.sample_rows))
         return
@@ -393,7 +416,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.repeats} interleaved repeats", file=sys.stderr)
+    where = f"{threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"torch {torch.__version__}, {where}, {args.repeats} interleaved repeats", file=sys.stderr)
     rows = []
     for name in args.models:
         row: Dict[str, Any] = {"label": LABELS[name]}
@@ -404,8 +428,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         row["floor"] = analytic_floor(model, data, ignore=ignore)
         row["floor_sampled"] = analytic_floor(model, data, args.sample_rows, ignore=ignore)
         del model
-        row["ours"] = time_model(name, "ours", CONFIGS, args.repeats, args.sample_rows, args.steps)
-        row["error"] = sampling_error(name, (args.steps or REPEAT_STEPS[name]) * args.repeats, args.sample_rows)
+        row["ours"] = time_model(name, "ours", CONFIGS, args.repeats, args.sample_rows, args.steps, args.device)
+        steps = (args.steps or REPEAT_STEPS[name]) * args.repeats
+        row["error"] = sampling_error(name, steps, args.sample_rows, args.device)
         if args.delve_0150 and name != "gpt2":  # 0.1.50 would track only GPT-2's 50257-wide lm_head
             timing = ["--_timing", name, "--impl", "0150", "--repeats", str(args.repeats)]
             timing += ["--steps", str(args.steps)] if args.steps else []
@@ -426,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             "no attention layer, so it does far less (and different) work on the transformer."
         )
     if "gpt2" in args.models:
-        wide = wide_layer_seconds()
+        wide = wide_layer_seconds(device=args.device)
         rows.append({"label": "add_saturations of one 4096-wide layer", "seconds": wide})
         print(f"\nadd_saturations() of one 4096-wide layer: {wide:.2f} s")
     if args.json:

@@ -71,3 +71,40 @@ def test_one_quick_run_prints_the_table(overhead, capsys):
     for column in columns:
         assert column in table
     assert "LSTM 256" in table
+
+
+GPU_CHECK = os.path.join(os.path.dirname(PATH), "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_script", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_check_refuses_without_cuda(gpu_check, capsys):
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu(gpu_check, capsys):
+    assert gpu_check.main(["--device", "cpu", "--checks-only"]) == 0
+    out = capsys.readouterr().out
+    total = out.count("\nok   ") + out.startswith("ok   ") + out.count("FAIL ")
+    assert total >= 10 and "FAIL" not in out
+    assert f"gpu_check: {total}/{total} numeric checks passed on CPU" in out
+
+
+def test_gpu_check_reports_a_failing_check(gpu_check, monkeypatch, capsys):
+    # A check whose numbers are off (or that raises) is reported by name and fails the run.
+    def broken(device):
+        raise RuntimeError("on purpose")
+
+    monkeypatch.setattr(gpu_check, "CHECKS", [gpu_check.check_far_from_zero, broken])
+    assert gpu_check.main(["--device", "cpu", "--checks-only"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL broken: RuntimeError: on purpose" in out
+    assert out.strip().endswith("2/3 numeric checks passed on CPU (torch " + torch.__version__ + "); failed: broken")
