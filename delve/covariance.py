@@ -72,7 +72,7 @@ DEFAULT_SAMPLE_SEED = 0
 DEFAULT_SAMPLE_ROWS = 32
 
 #: Rows per batch and feature that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py`` for the error).
-SAMPLE_ROWS_PER_FEATURE = 4
+SAMPLE_ROWS_PER_FEATURE = 2
 
 #: Elements per chunk when the working-precision buffer is added to the float64 state.
 _FOLD_CHUNK = 1 << 16
@@ -234,7 +234,7 @@ def resolve_sample_rows(sample_rows: Union[None, bool, int], dim: Optional[int] 
     >>> resolve_sample_rows(True), resolve_sample_rows(False), resolve_sample_rows(128)
     (True, None, 128)
     >>> resolve_sample_rows(True, dim=4), resolve_sample_rows(True, dim=100), resolve_sample_rows(128, dim=4)
-    (32, 400, 128)
+    (32, 200, 128)
     """
     if sample_rows is None or sample_rows is False:
         return None
@@ -273,7 +273,7 @@ class TorchCovarianceMatrix:
         Keep only some rows of each batch, drawn uniformly at random without
         replacement and weighted so that the statistics stay unbiased (see the
         module docstring): an int ``m`` keeps ``m``, ``True`` keeps
-        ``max(32, 4 d)`` for ``d`` features (see :func:`resolve_sample_rows`).
+        ``max(32, 2 d)`` for ``d`` features (see :func:`resolve_sample_rows`).
         ``None`` (the default) keeps every row and the statistics are exact.
     seed : int, optional
         Seed of the row sampling; ``None`` uses :data:`DEFAULT_SAMPLE_SEED`.

@@ -26,8 +26,8 @@ def test_floor_of_square_linear_layers_is_one_third(overhead):
     assert overhead.analytic_floor(model, torch.randn(10, 64)) == pytest.approx(1 / 3)
     # Sampling 4 of 10 rows per batch leaves 4/10 of the Gram's work.
     assert overhead.analytic_floor(model, torch.randn(10, 64), sample_rows=4) == pytest.approx(4 / 30)
-    # The width rule keeps max(32, 4 x 64) = 256 of 1000 rows; fewer rows than that are all kept.
-    assert overhead.analytic_floor(model, torch.randn(1000, 64), sample_rows=True) == pytest.approx(256 / 3000)
+    # The width rule keeps max(32, 2 x 64) = 128 of 1000 rows; fewer rows than that are all kept.
+    assert overhead.analytic_floor(model, torch.randn(1000, 64), sample_rows=True) == pytest.approx(128 / 3000)
     assert overhead.analytic_floor(model, torch.randn(10, 64), sample_rows=True) == pytest.approx(1 / 3)
     # A layer left out counts neither in the Gram's work nor in the training's.
     assert overhead.analytic_floor(model, torch.randn(10, 64), ignore=("2",)) == pytest.approx(1 / 3)
@@ -66,7 +66,7 @@ def test_sampling_error_is_zero_when_every_row_is_kept(overhead):
 def test_one_quick_run_prints_the_table(overhead, capsys):
     overhead.main(["--models", "lstm", "--repeats", "1", "--steps", "1", "--no-memory"])
     table = capsys.readouterr().out
-    columns = ("untracked ms/step", "delve ms/step", "overhead", "floor", "sampled (max(32, 4 d) rows)",
+    columns = ("untracked ms/step", "delve ms/step", "overhead", "floor", "sampled (max(32, 2 d) rows)",
                "sampling error: saturation / idim", "add_saturations s")
     for column in columns:
         assert column in table

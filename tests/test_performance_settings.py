@@ -158,7 +158,7 @@ def test_resolve_sample_rows():
 
 @pytest.mark.parametrize("dim,rows", [(4, 100), (40, 1000), (40, 100)])
 def test_width_rule_keeps_rows_in_proportion_to_the_width(dim, rows):
-    # sample_rows=True keeps max(32, 4 d) rows of each batch, all of them when the batch has fewer.
+    # sample_rows=True keeps max(32, 2 d) rows of each batch, all of them when the batch has fewer.
     kept = min(rows, max(DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE * dim))
     generator = torch.Generator().manual_seed(dim + rows)
     batch = torch.randn(rows, dim, generator=generator)
