@@ -10,17 +10,25 @@ Training", arXiv 2006.08679).
 How a batch gets in, cheaply and without losing precision:
 
 1. A batch of at least ``d`` rows, unless it is small (at most ``2**16``
-   values), is centered on its mean in the working precision (float32, or float64 for
-   float64 activations), the shift :math:`s_b`, and its Gram matrix
-   :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. A convolution's
-   ``(b, c, positions)`` output is centered straight into a channel-major copy,
-   so the GEMM needs no transposed copy. The exact float64 mean
-   :math:`\mu_b = s_b + e_b` follows from the sum of the centered rows.
+   values), is centered in the working precision (float32, or float64 for
+   float64 activations) on a shift :math:`s_b`, the mean of its leading
+   eighth, into a copy with one sample per column, and its Gram matrix
+   :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. The exact float64
+   mean :math:`\mu_b = s_b + e_b` follows from the sum of the centered
+   columns, so any shift is exact; one close to the mean keeps the GEMM
+   accurate (the mean of any :math:`m` of :math:`n` rows lies within
+   :math:`\sigma\sqrt{(n - m) / m}` of theirs: :math:`\sqrt 7\,\sigma` here).
+   Passes over the batch's values: an eighth of one read for the shift; one
+   read of the batch and one write of the copy (for a convolution's
+   ``(b, c, positions)`` output, straight into channel-major order); the
+   GEMM's and one more read of the copy for its column sums.
 2. Other batches are only copied into a staging buffer of ``max(d, 1024)``
-   rows; when it is full, its rows are centered on their common mean and
-   become one GEMM (a GEMM over few rows is slow, and a small batch then costs
-   one copy).
-3. From ``256`` features on, a GEMM computes only the column blocks on and
+   samples, one per column, and their norm is taken; when it is full, its
+   samples are centered on their common mean and become one GEMM (a GEMM
+   over few rows is slow, and a small batch then costs one copy).
+3. The GEMMs go through :mod:`delve._gram`: oneDNN's inner product for
+   float32 on the CPU (AVX-512 where MKL runs AVX2), ``addmm`` elsewhere.
+   From ``256`` features on, a GEMM computes only the column blocks on and
    below the diagonal of the symmetric :math:`G`.
 4. The Gram matrices of up to 16 GEMMs are summed in the working precision;
    then they are folded into the float64 state, exactly:
@@ -41,25 +49,29 @@ state on the host while the activations live on a GPU: then each batch is
 copied over and waited for). A batch holding NaN or Inf, or values whose
 squares could overflow the working precision, is left out through a
 device-side mask and counted in ``num_skipped_batches``; a staged batch,
-which shares its GEMM with up to 1024 rows, is held to a stricter bound (rows
-of norm up to about ``1e16`` in float32).
+which shares its GEMM with up to ``max(d, 1024)`` samples, is held to a
+stricter bound (a root-mean-square norm of its rows up to about ``1e16`` in
+float32).
 
 Sampling (``sample_rows=m``) keeps ``m`` rows of each batch, drawn uniformly at
 random without replacement, weighted by :math:`n_b / m`: the mean and the raw
 second moment are then unbiased estimates of those of all rows, and the
 covariance is off by no more than the variance of the estimated mean, a term of
-order one over the number of rows kept.
+order one over the number of rows kept. ``sample_rows=True`` keeps
+:math:`\max(32, 2d)` rows (:func:`resolve_sample_rows`), so that the number of
+samples per feature, and with it the estimate's error, does not depend on the
+width.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-from typing import Any, ContextManager, Dict, List, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, List, Optional, Union
 
 import torch
 
-from delve._gram import add_gram_product, mirror_lower, uses_inner_product
+from delve._pending import PendingGram, fold_into, new_tensor, staging_rows
 
 Device = Union[str, torch.device, None]
 
@@ -74,29 +86,6 @@ DEFAULT_SAMPLE_ROWS = 32
 #: Rows per batch and feature that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py`` for the error).
 SAMPLE_ROWS_PER_FEATURE = 2
 
-#: Elements per chunk when the working-precision buffer is added to the float64 state.
-_FOLD_CHUNK = 1 << 16
-
-#: Pending entries (GEMMs) summed in the working-precision Gram matrix before a fold into float64.
-_MAX_ENTRIES = 16
-
-#: Rows the staging buffer holds at least.
-_MIN_STAGED_ROWS = 1024
-
-#: Batches of fewer rows than features, or of at most this many values, are staged.
-_SMALL_BATCH_VALUES = 1 << 16
-
-#: Scratch views kept per accumulator (one per slot and batch shape).
-_MAX_VIEWS = 16
-
-#: The shift a large batch is centered on is the mean of its leading ``1 / _SHIFT_SUBSET`` (see ``_add_batch``).
-_SHIFT_SUBSET = 8
-
-
-def _staging_rows(dim: int) -> int:
-    return max(dim, _MIN_STAGED_ROWS)
-
-
 def _without_autocast(device_type: str) -> ContextManager[Any]:
     """Autocast switched off (GEMMs in the working precision); no context at all where it is off already."""
     try:
@@ -104,13 +93,6 @@ def _without_autocast(device_type: str) -> ContextManager[Any]:
     except TypeError:  # torch < 2.4
         enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
     return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``, copied without waiting for the device's queue."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def num_samples(samples: torch.Tensor) -> int:
@@ -155,7 +137,7 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
         raise ValueError(f"dim must be an int >= 0, got {dim!r}")
     work_bytes = 8 if float64_input else 4
-    return dim * dim * (8 + work_bytes) + dim * _staging_rows(dim) * work_bytes + dim * 8 * 4
+    return dim * dim * (8 + work_bytes) + dim * staging_rows(dim) * work_bytes + dim * 8 * 4
 
 
 def _format_bytes(nbytes: float) -> str:
@@ -319,13 +301,7 @@ class TorchCovarianceMatrix:
         self._mean: Optional[torch.Tensor] = None
         self._m2: Optional[torch.Tensor] = None
         self._num_skipped: Optional[torch.Tensor] = None
-        self._buffers: Dict[str, torch.Tensor] = {}
-        self._views: Dict[Tuple[str, tuple], torch.Tensor] = {}
-        self._work_dtype: Optional[torch.dtype] = None
-        self._num_staged = 0
-        self._staged_batches: List[Tuple[int, float, torch.Tensor]] = []
-        self._staged_entries: List[Tuple[torch.Tensor, ...]] = []
-        self._direct_entries: List[Tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending: Optional[PendingGram] = None
         self._python_rng: Optional[random.Random] = None
         self._torch_rng: Optional[torch.Generator] = None
         self._saved: List[torch.Tensor] = []
@@ -363,8 +339,9 @@ class TorchCovarianceMatrix:
     @property
     def nbytes(self) -> int:
         """Bytes of device memory this accumulator holds: its float64 state and scratch buffers."""
-        tensors = [self._count, self._mean, self._m2, self._num_skipped, *self._buffers.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self._count, self._mean, self._m2, self._num_skipped]
+        state = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return state + (0 if self._pending is None else self._pending.nbytes)
 
     @property
     def saved_samples(self) -> Optional[torch.Tensor]:
@@ -373,16 +350,11 @@ class TorchCovarianceMatrix:
 
     def _init_state(self, dim: int, device: torch.device) -> None:
         check_memory_budget(self.name, dim, self.memory_budget)
-        self._count = self._new_tensor((), torch.float64, device, zero=True)
-        self._mean = self._new_tensor((dim,), torch.float64, device, zero=True)
-        self._m2 = self._new_tensor((dim, dim), torch.float64, device, zero=True)
-        self._num_skipped = self._new_tensor((), torch.int64, device, zero=True)
-        self._buffers = {}
-        self._views = {}
-        self._num_staged = 0
-        self._staged_batches = []
-        self._staged_entries = []
-        self._direct_entries = []
+        self._count = new_tensor((), torch.float64, device, zero=True)
+        self._mean = new_tensor((dim,), torch.float64, device, zero=True)
+        self._m2 = new_tensor((dim, dim), torch.float64, device, zero=True)
+        self._num_skipped = new_tensor((), torch.int64, device, zero=True)
+        self._pending = None
 
     def reset(self) -> None:
         """Forget every sample; keeps the allocated state (and its device)."""
@@ -391,10 +363,8 @@ class TorchCovarianceMatrix:
             self._mean.zero_()
             self._m2.zero_()
             self._num_skipped.zero_()
-        self._staged_entries = []
-        self._direct_entries = []
-        self._staged_batches = []
-        self._num_staged = 0
+        if self._pending is not None:
+            self._pending.clear()
         self._saved = []
         self._num_saved = 0
 
@@ -432,9 +402,9 @@ class TorchCovarianceMatrix:
         if self.save_data and self._num_saved < self.max_saved_samples:
             self._save_rows(x)
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if work_dtype != self._work_dtype:
+        if self._pending is None or work_dtype != self._pending.dtype:
             self._fold()
-            self._work_dtype = work_dtype
+            self._pending = PendingGram(dim, self._m2.device, work_dtype)
         weight = 1.0
         rows_kept = resolve_sample_rows(self.sample_rows, dim)
         if rows_kept is not None and num_rows > rows_kept:
@@ -442,10 +412,8 @@ class TorchCovarianceMatrix:
             weight = num_rows / rows_kept
         num_kept = num_samples(x)
         with _without_autocast(x.device.type):
-            if num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
-                self._stage(x, num_kept, weight)
-            else:
-                self._add_batch(x, num_kept, num_rows, weight)
+            if self._pending.add(x, num_kept, num_rows, weight):
+                self._fold()
 
     def _sample(self, x: torch.Tensor, num_rows: int, rows_kept: int) -> torch.Tensor:
         """``rows_kept`` rows of ``x`` (as an ``(m, d)`` matrix), uniformly without replacement."""
@@ -463,203 +431,11 @@ class TorchCovarianceMatrix:
         length = x.shape[2]
         return x[index // length, :, index % length]
 
-    @staticmethod
-    def _new_tensor(shape: tuple, dtype: torch.dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
-        # Outside inference mode, so that training after an inference_mode forward
-        # can still update the state in place.
-        with torch.inference_mode(False):
-            return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-
-    def _buffer(self, slot: str, shape: tuple) -> torch.Tensor:
-        """A contiguous scratch tensor of ``shape`` in the working precision, reused across
-        batches (fresh large allocations cost page faults on CPU); it only grows. Views of
-        the shapes asked for are kept, so that a batch of a known shape costs a dict lookup."""
-        view = self._views.get((slot, shape))
-        if view is not None and view.dtype == self._work_dtype:
-            return view
-        numel = math.prod(shape)
-        flat = self._buffers.get(slot)
-        if flat is None or flat.numel() < numel or flat.dtype != self._work_dtype:
-            flat = self._buffers[slot] = self._new_tensor((numel,), self._work_dtype, self._m2.device)
-            self._views = {key: value for key, value in self._views.items() if key[0] != slot}
-        if len(self._views) >= _MAX_VIEWS:  # batches of ever new shapes (variable lengths)
-            self._views = {}
-        view = self._views[(slot, shape)] = flat[:numel].view(shape)
-        return view
-
-    def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
-        """Copy a small batch into the staging buffer, one column per sample, and take its norm."""
-        dim = self._m2.shape[0]
-        if self._num_staged + num_kept > _staging_rows(dim):
-            self._close_staged()
-        cols = self._buffer("staged", (dim, _staging_rows(dim)))[:, self._num_staged : self._num_staged + num_kept]
-        if x.ndim == 3:
-            cols.view(dim, x.shape[0], x.shape[2]).copy_(x.transpose(0, 1))
-        else:
-            # A transposing copy into a contiguous matrix is blocked (fast); into columns of a wider one it is not.
-            cols.copy_(self._buffer("centered", (dim, num_kept)).copy_(x.T))
-        norm = torch.linalg.vector_norm(x, dtype=self._work_dtype)
-        self._num_staged += num_kept
-        self._staged_batches.append((num_kept, weight, norm))
-
-    def _close_staged(self) -> None:
-        """The staged samples become one pending entry: batches that are not finite (or whose
-        squares could overflow) are dropped, the rest centered on their mean, one GEMM.
-
-        The GEMM runs over the whole buffer (unused columns are zeroed and weigh
-        nothing), which keeps its operand contiguous for oneDNN.
-        """
-        if not self._staged_batches:
-            return
-        dim, used, capacity = self._m2.shape[0], self._num_staged, _staging_rows(self._m2.shape[0])
-        batches, self._staged_batches, self._num_staged = self._staged_batches, [], 0
-        cols = self._buffer("staged", (dim, capacity))
-        if used < capacity:
-            cols[:, used:].zero_()
-        # The group's weighted sum of squares must stay below max / (2 * _MAX_ENTRIES): each batch may
-        # hold its share, limit^2 per sample on average (a root-mean-square bound on its samples' norms).
-        limit = math.sqrt(torch.finfo(cols.dtype).max / (2.0 * capacity * _MAX_ENTRIES))
-        host = torch.tensor(
-            [
-                [weight for _, weight, _ in batches] + [0.0],
-                [limit * math.sqrt(size / weight) for size, weight, _ in batches] + [0.0],
-                [size for size, _, _ in batches] + [capacity - used],
-            ],
-            dtype=torch.float64,
-        )
-        batch_weights, bounds, sizes = _to_device(host, cols.device)
-        sizes = sizes.long()
-        batch_bad = ~(torch.stack([norm for _, _, norm in batches]).to(torch.float64) <= bounds[:-1])
-        batch_weights[:-1].masked_fill_(batch_bad, 0.0)
-        count = batch_weights @ sizes.to(torch.float64)
-        dropped = torch.cat([batch_bad, batch_bad.new_zeros(1)]).repeat_interleave(sizes, output_size=capacity)
-        cols.masked_fill_(dropped, 0.0)
-        weights = batch_weights.to(cols.dtype).repeat_interleave(sizes, output_size=capacity)
-        total = count.to(cols.dtype).clamp_min(1.0)
-        rough = (cols @ weights).div_(total)
-        cols.sub_(rough[:, None])
-        # A float32 GEMV sums without care: far from zero, its mean can miss by several standard
-        # deviations, which the GEMM would then square. The mean of the roughly centered samples is
-        # accurate, and the difference of two close float32 shifts is exact.
-        shift = rough + (cols @ weights).div_(total)
-        roots = weights.sqrt_()
-        cols.sub_((shift - rough)[:, None]).mul_(roots)
-        add_gram_product(self._buffer("gram", (dim, dim)), cols, beta=1.0 if self._staged_entries or self._direct_entries else 0.0)
-        self._add_entry(count, shift, cols @ roots, batch_bad.sum())
-
-    def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
-        """A large batch: centered into a feature-major copy, one GEMM added to the pending Gram matrix.
-
-        Passes over the batch's values: the shift reads the leading eighth of the
-        batch; centering reads the batch and writes the copy; the GEMM and the sum
-        of the centered columns read the copy.
-        """
-        self._close_staged()
-        dim, dtype = self._m2.shape[0], self._work_dtype
-        # Any shift is exact (the fold corrects it with the sum of the centered rows); one close to the
-        # mean keeps the float32 GEMM accurate. The mean of any m of n rows lies within
-        # sigma * sqrt((n - m) / m) of the batch mean, per feature: within sqrt(7) sigma here.
-        lead = x[: max(1, x.shape[0] // _SHIFT_SUBSET)]
-        if x.ndim == 3:
-            shift = lead.mean(dim=(0, 2), dtype=dtype)
-            work = self._buffer("centered", (dim, x.shape[0], x.shape[2]))
-            cols = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
-        else:
-            shift = lead.mean(dim=0, dtype=dtype)
-            if uses_inner_product(x.device, dtype, dim, num_kept):
-                # oneDNN takes one sample per column: a transposing copy, then centering in place.
-                cols = self._buffer("centered", (dim, num_kept))
-                cols.copy_(x.T).sub_(shift[:, None])
-            else:
-                cols = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim))).T
-        offset = cols.sum(dim=1)
-        first = not self._staged_entries and not self._direct_entries
-        # The staging buffer is free here (its samples were just closed): scratch for this batch's Gram.
-        gram = self._buffer("gram" if first else "staged", (dim, dim))
-        add_gram_product(gram, cols, beta=0.0, alpha=weight)
-        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
-        bad = (torch.trace(gram) <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)).logical_not_()
-        gram.masked_fill_(bad, 0.0)
-        if not first:
-            self._buffer("gram", (dim, dim)).add_(gram)
-        if weight != 1.0:
-            offset.mul_(weight)
-        self._direct_entries.append((float(num_rows), shift, offset, bad))
-        if len(self._staged_entries) + len(self._direct_entries) >= _MAX_ENTRIES:
-            self._fold()
-
-    def _add_entry(self, count: torch.Tensor, shift: torch.Tensor, offset: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Queue staged samples already in the pending Gram matrix: their weighted count, the shift
-        they were centered on, the sum of the centered samples and how many batches were skipped."""
-        self._staged_entries.append((count, shift, offset, skipped))
-        if len(self._staged_entries) + len(self._direct_entries) >= _MAX_ENTRIES:
-            self._fold()
-
-    def _pending(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Counts, shifts, offsets (float64) and the number of skipped batches of the pending GEMMs.
-
-        A large batch's count and skip flag follow from its size and whether its
-        Gram matrix was finite; they are worked out here, once per fold, rather
-        than per batch.
-        """
-        counts, shifts, offsets, skipped = [], [], [], []
-        if self._direct_entries:
-            bad = torch.stack([entry[3] for entry in self._direct_entries])
-            host = torch.tensor([entry[0] for entry in self._direct_entries], dtype=torch.float64)
-            counts.append(_to_device(host, bad.device).masked_fill_(bad, 0.0))
-            skipped.append(bad.sum())
-        if self._staged_entries:
-            counts.append(torch.stack([entry[0] for entry in self._staged_entries]))
-            skipped.append(torch.stack([entry[3] for entry in self._staged_entries]).sum())
-        for entry in self._direct_entries + self._staged_entries:
-            shifts.append(entry[1])
-            offsets.append(entry[2])
-        self._direct_entries, self._staged_entries = [], []
-        return (
-            torch.cat(counts),
-            torch.stack(shifts).to(torch.float64),
-            torch.stack(offsets).to(torch.float64),
-            torch.stack(skipped).sum(),
-        )
-
     def _fold(self) -> None:
-        """Fold the pending entries into the float64 state, exactly (see the module docstring)."""
-        self._close_staged()
-        if not self._staged_entries and not self._direct_entries:
-            return
-        counts, shifts, offsets, skipped = self._pending()
-        good = (counts > 0)[:, None]
-        errors = torch.where(good, offsets / counts.clamp_min(1.0)[:, None], 0.0)
-        means = torch.where(good, shifts + errors, 0.0)
-        new_count = counts.sum()
-        new_mean = (counts @ means) / new_count.clamp_min(1.0)
-        total = self._count + new_count
-        new_weight = torch.where(total > 0, new_count / total.clamp_min(1.0), 0.0)
-        delta = new_mean - self._mean
-        roots = counts.sqrt()[:, None]
-        # Rank-one terms, added (between entries; new vs. old) or removed (mean - shift), in one GEMM.
-        added = torch.cat([roots * (means - new_mean), (self._count * new_weight).sqrt() * delta[None]])
-        terms = torch.cat([added, roots * errors])
-        signs = torch.ones(terms.shape[0], 1, dtype=terms.dtype, device=terms.device)
-        signs[added.shape[0] :] = -1.0
-        dim = self._m2.shape[0]
-        gram = self._buffer("gram", (dim, dim))
-        mirror_lower(gram)
-        self._add_gram(gram)
-        self._m2.addmm_((terms * signs).T, terms)
-        self._mean.add_(delta * new_weight)
-        self._count.copy_(total)
-        self._num_skipped.add_(skipped)
-
-    def _add_gram(self, gram: torch.Tensor) -> None:
-        m2 = self._m2
-        if gram.dtype == m2.dtype:
-            m2.add_(gram)
-            return
-        # Converting in small chunks keeps both the cast and the add vectorised.
-        rows = max(1, _FOLD_CHUNK // m2.shape[1])
-        for start in range(0, m2.shape[0], rows):
-            m2[start : start + rows].add_(gram[start : start + rows].to(m2.dtype))
+        """Fold the pending batches into the float64 state, exactly (see the module docstring)."""
+        pending = None if self._pending is None else self._pending.take()
+        if pending is not None:
+            fold_into(self._count, self._mean, self._m2, self._num_skipped, pending)
 
     def flush(self) -> None:
         """Fold pending rows into the float64 state now; reading the state does this anyway."""
