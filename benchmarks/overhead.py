@@ -244,6 +244,38 @@ def wide_layer_seconds(width: int = 4096, batches: int = 2, device: str = "cpu")
     return seconds
 
 
+def eigenvalue_seconds(name: str, steps: int, thresh: float = 0.99) -> Dict[str, Any]:
+    """Eigenvalues of every tracked covariance of ``name`` after ``steps`` steps: one after the other in
+    float64 (as ``metrics.eigenvalues``), and with :func:`delve.metrics.eigenvalues_many` in float64 and
+    with ``thresh``; whether the intrinsic dimensionalities agree, and how many matrices went to float64."""
+    from delve import SaturationTracker, metrics
+
+    model, data, target, _ = build(name)
+    if name == "gpt2":
+        track_conv1d()
+    folder = tempfile.mkdtemp(prefix="delve-eigen-")
+    options = dict(TRACKER_OPTIONS.get(name, {}), stats=["cov"], nosave=True)
+    tracker = SaturationTracker(os.path.join(folder, "run"), "csv", model, **options)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), data, target, steps)
+    covs = [torch.from_numpy(value) for value in tracker.compute().values()]
+    tracker.close()
+    del tracker, model  # their state: gigabytes for GPT-2
+    timings: Dict[str, Any] = {"matrices": len(covs)}
+    start = time.perf_counter()
+    serial = [metrics.eigenvalues(cov) for cov in covs]
+    timings["serial_float64_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics.eigenvalues_many(covs)
+    timings["parallel_float64_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    mixed = metrics.eigenvalues_many(covs, thresh=thresh)
+    timings["parallel_float32_s"] = time.perf_counter() - start
+    idims = [metrics.intrinsic_dimensionality_from_eigenvalues(values, thresh) for values in serial]
+    timings["same_idim"] = idims == [metrics.intrinsic_dimensionality_from_eigenvalues(v, thresh) for v in mixed]
+    timings["recomputed_float64"] = sum(torch.equal(a, b) for a, b in zip(serial, mixed))
+    return timings
+
+
 # ----------------------------------------------------------------------------- memory
 def memory_child(name: str, impl: str, config: str, sample_rows: Union[bool, int]) -> int:
     """Peak resident set (KiB) of this process after one repeat's steps (tracked or not) and add_saturations()."""
@@ -452,8 +484,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         )
     if "gpt2" in args.models:
         wide = wide_layer_seconds(device=args.device)
-        rows.append({"label": "add_saturations of one 4096-wide layer", "seconds": wide})
+        eigen = eigenvalue_seconds("gpt2", REPEAT_STEPS["gpt2"])
+        rows.append({"label": "add_saturations of one 4096-wide layer", "seconds": wide, "gpt2_eigenvalues": eigen})
         print(f"\nadd_saturations() of one 4096-wide layer: {wide:.2f} s")
+        print(
+            f"eigenvalues of GPT-2's {eigen['matrices']} covariances: {eigen['serial_float64_s']:.1f} s one after "
+            f"the other in float64, {eigen['parallel_float64_s']:.1f} s side by side (eigenvalues_many), "
+            f"{eigen['parallel_float32_s']:.1f} s side by side in float32 with float64 where it could change the "
+            f"intrinsic dimensionality ({eigen['recomputed_float64']} matrices; same intrinsic dimensionality "
+            f"as float64: {eigen['same_idim']})"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -108,3 +108,10 @@ def test_gpu_check_reports_a_failing_check(gpu_check, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAIL broken: RuntimeError: on purpose" in out
     assert out.strip().endswith("2/3 numeric checks passed on CPU (torch " + torch.__version__ + "); failed: broken")
+
+
+def test_eigenvalue_timing_agrees_with_float64(overhead):
+    # The LSTM row's two covariances: eigenvalues_many with the threshold gives float64's idim.
+    timings = overhead.eigenvalue_seconds("lstm", steps=2)
+    assert timings["matrices"] == 2 and timings["same_idim"] is True
+    assert 0 <= timings["recomputed_float64"] <= 2
