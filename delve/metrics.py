@@ -108,10 +108,10 @@ def eigenvalues_many(covs: Sequence[MatrixLike], thresh: Optional[float] = None)
     """Eigenvalues of many covariance matrices, each as :func:`eigenvalues` gives it, in parallel.
 
     On the CPU the matrices are decomposed side by side, largest first, one per
-    thread (as many as torch's intra-op threads), each thread single-threaded:
-    LAPACK's eigensolvers gain little from several threads on one matrix, and a
-    busy machine makes them lose. On a GPU, matrices of one size go in one
-    batched call.
+    thread (as many as torch's intra-op threads, which are set to one meanwhile
+    and restored after): LAPACK's eigensolvers gain little from several
+    threads on one matrix, and a busy machine makes them lose. On a GPU,
+    matrices of one size go in one batched call.
 
     With ``thresh``, each matrix is decomposed in float32 (about 2.5 times
     faster) and again in float64 only where float32 could change the
@@ -175,10 +175,15 @@ def _decompose(matrices: List[torch.Tensor], dtype: torch.dtype) -> List[torch.T
             results[index] = values_of(matrices[index])
         return results  # type: ignore[return-value]
     on_cpu.sort(key=lambda index: -matrices[index].shape[0])
-    torch.set_num_threads(1)
+
+    def single_threaded(index: int) -> torch.Tensor:
+        # A new thread's OpenMP default is every core: LAPACK would run that many threads per worker.
+        torch.set_num_threads(1)
+        return values_of(matrices[index])
+
     try:
         with ThreadPoolExecutor(max_workers=min(threads, len(on_cpu))) as pool:
-            for index, values in zip(on_cpu, pool.map(lambda index: values_of(matrices[index]), on_cpu)):
+            for index, values in zip(on_cpu, pool.map(single_threaded, on_cpu)):
                 results[index] = values
     finally:
         torch.set_num_threads(threads)
