@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import statistics
@@ -38,144 +37,26 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("mlp", "cnn", "lstm", "transformer")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from bench_models import (  # noqa: E402
+    LABELS,
+    MODELS,
+    REPEAT_STEPS,
+    TRACKER_OPTIONS,
+    analytic_floor,
+    build,
+)
+
 CONFIGS = ("untracked", "tracked", "sampled")
-DEFAULT_SAMPLE_ROWS = 32
-
-
-# --------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), as used on CIFAR-10."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        blocks, in_channels = [], 64
-        for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
-            in_channels = channels
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
-
-
-class LSTMClassifier(nn.Module):
-    def __init__(self, inputs: int = 64, hidden: int = 256, num_classes: int = 10) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(inputs, hidden, batch_first=True)
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.lstm(x)[0][:, -1])
-
-
-class TransformerClassifier(nn.Module):
-    def __init__(self, d_model: int = 256, layers: int = 4, num_classes: int = 10) -> None:
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.fc = nn.Linear(d_model, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.encoder(x).mean(dim=1))
-
-
-def build(name: str, batch: Optional[int] = None) -> Tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
-    """Model, a batch of inputs and targets, and the steps of one repeat.
-
-    A repeat is long enough to hold whole cycles of the work a tracker defers
-    (staged rows become one GEMM every few steps; pending GEMMs are folded into
-    float64 every 16), so that the median over repeats does not skip it.
-    """
-    torch.manual_seed(0)
-    if name == "mlp":
-        layers: List[nn.Module] = []
-        for _ in range(4):
-            layers += [nn.Linear(1024, 1024), nn.ReLU()]
-        batch = batch or 128
-        return nn.Sequential(*layers[:-1]), torch.randn(batch, 1024), torch.randint(1024, (batch,)), 32
-    if name == "cnn":
-        batch = batch or 8
-        return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(10, (batch,)), 16
-    if name == "lstm":
-        batch = batch or 32
-        return LSTMClassifier(), torch.randn(batch, 50, 64), torch.randint(10, (batch,)), 16
-    if name == "transformer":
-        batch = batch or 8
-        return TransformerClassifier(), torch.randn(batch, 128, 256), torch.randint(10, (batch,)), 16
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-
-
-# ----------------------------------------------------------------------- analytic floor
-def _forward_flops(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> float:
-    """Multiply-add FLOPs (x2) of one forward pass of a tracked layer."""
-    out = output[0] if isinstance(output, tuple) else output
-    if isinstance(module, nn.Linear):
-        return 2.0 * out.numel() * module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return 2.0 * out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-    if isinstance(module, nn.LSTM):
-        x = inputs[0]
-        steps = x.shape[0] * x.shape[1]
-        gates, total, size_in = 4 * module.hidden_size, 0.0, module.input_size
-        for _ in range(module.num_layers):
-            total += 2.0 * steps * gates * (size_in + module.hidden_size)
-            size_in = module.hidden_size
-        return total
-    if isinstance(module, nn.MultiheadAttention):
-        tokens, length, width = out.shape[0] * out.shape[1], out.shape[1], module.embed_dim
-        return 2.0 * tokens * 4 * width * width + 4.0 * tokens * length * width
-    raise TypeError(f"no FLOP count for {type(module).__name__}")
-
-
-def analytic_floor(model: nn.Module, data: torch.Tensor, sample_rows: Optional[int] = None) -> float:
-    """FLOPs of X^T X of every tracked output over the training FLOPs (3x forward) of those layers."""
-    from delve.adapters import AdapterOptions, find_adapter
-    from delve.covariance import num_samples
-    from delve.layers import find_layers
-
-    options, totals = AdapterOptions(), {"gram": 0.0, "train": 0.0}
-
-    def hook(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
-        samples = find_adapter(module)(module, output, options)
-        rows = num_samples(samples)
-        if sample_rows is not None:
-            rows = min(rows, sample_rows)
-        totals["gram"] += 2.0 * rows * samples.shape[1] ** 2
-        totals["train"] += 3.0 * _forward_flops(module, inputs, output)
-
-    handles = [layer.register_forward_hook(hook) for layer in find_layers(model).values()]
-    with torch.no_grad():
-        model(data)
-    for handle in handles:
-        handle.remove()
-    return totals["gram"] / totals["train"]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -186,73 +67,89 @@ def train_steps(
     target: torch.Tensor,
     steps: int,
 ) -> float:
-    """Mean seconds per training step over ``steps`` steps."""
+    """Mean seconds per training step over ``steps`` steps (waiting for a GPU's queue at both ends)."""
     loss_fn = nn.CrossEntropyLoss()
+    synchronize(data.device)
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(data), target).backward()
         optimizer.step()
+    synchronize(data.device)
     return (time.perf_counter() - start) / steps
 
 
-def _set_sample_rows(tracker: Any, sample_rows: int) -> None:
-    """Sampling on a tracker whose constructor does not take ``sample_rows`` yet."""
-    for layer_state in tracker._layer_states.values():
-        for mode_state in layer_state.modes.values():
-            mode_state.accumulator.sample_rows = sample_rows
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def make_tracker(impl: str, model: nn.Module, folder: str, sample_rows: Optional[int]) -> Any:
-    savefile = os.path.join(folder, "run")
-    if impl == "0150":
-        from delve import SaturationTracker
+def build_on(name: str, device: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """:func:`bench_models.build` with the model and its batch on ``device``."""
+    model, data, target, steps = build(name)
+    return model.to(device), data.to(device), target.to(device), steps
 
-        return SaturationTracker(savefile, save_to="csv", modules=model, device="cpu", stats=["lsat"])
+
+def make_tracker(impl: str, name: str, model: nn.Module, folder: str, sample_rows: Union[None, bool, int]) -> Any:
+    """A tracker of every layer of ``model`` (lsat only, nothing written to disk)."""
     from delve import SaturationTracker
 
-    kwargs: Dict[str, Any] = dict(save_to="csv", modules=model, stats=["lsat"], nosave=True)
-    try:
-        tracker = SaturationTracker(savefile, sample_rows=sample_rows, **kwargs)
-    except TypeError:
-        tracker = SaturationTracker(savefile, **kwargs)
-        if sample_rows is not None:
-            _set_sample_rows(tracker, sample_rows)
-    return tracker
+    savefile = os.path.join(folder, "run")
+    if impl == "0150":
+        return SaturationTracker(savefile, save_to="csv", modules=model, device="cpu", stats=["lsat"])
+    options = dict(TRACKER_OPTIONS.get(name, {}), stats=["lsat"], nosave=True, sample_rows=sample_rows)
+    return SaturationTracker(savefile, save_to="csv", modules=model, **options)
 
 
 def state_bytes(tracker: Any) -> int:
     """Bytes the tracker's accumulators hold (their float64 state and scratch buffers)."""
     total = 0
-    for layer_state in getattr(tracker, "_layer_states", {}).values():
-        for mode_state in layer_state.modes.values():
+    for recorder in getattr(tracker, "_recorders", {}).values():
+        for mode_state in recorder.modes.values():
             total += getattr(mode_state.accumulator, "nbytes", 0)
     return total
 
 
 def time_model(
-    name: str, impl: str, configs: Tuple[str, ...], repeats: int, sample_rows: int, steps: Optional[int]
+    name: str,
+    impl: str,
+    configs: Tuple[str, ...],
+    repeats: int,
+    sample_rows: Union[bool, int],
+    steps: Optional[int],
+    device: str = "cpu",
 ) -> Dict[str, Any]:
-    """Interleaved repeats of every configuration on one model; medians and raw times."""
-    model, data, target, default_steps = build(name)
+    """Interleaved repeats of every configuration on one model; medians and raw times.
+
+    delve's configurations share one model: the trackers not taking their turn
+    are paused (their hooks return at once). delve 0.1.50 cannot pause, so
+    there each configuration trains its own copy of the model.
+    """
+    model, data, target, default_steps = build_on(name, device)
     steps = steps or default_steps
-    models = {config: model if config == "untracked" else copy.deepcopy(model) for config in configs}
+    shared = impl == "ours"
+    models = {config: model if shared or config == "untracked" else copy.deepcopy(model) for config in configs}
     optimizers = {config: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for config, m in models.items()}
+    if shared:
+        optimizers = {config: optimizers["untracked"] for config in configs}
     times: Dict[str, List[float]] = {config: [] for config in configs}
-    saturation_times: Dict[str, List[float]] = {config: [] for config in configs if config != "untracked"}
-    held: Dict[str, int] = {}
     folder = tempfile.mkdtemp(prefix="delve-overhead-")
-    # One tracker per tracked configuration for the whole run, each on its own copy of the model
-    # (delve 0.1.50 cannot remove its hooks).
     trackers = {
         config: make_tracker(
-            impl, models[config], os.path.join(folder, config), sample_rows if config == "sampled" else None
+            impl, name, models[config], os.path.join(folder, config), sample_rows if config == "sampled" else None
         )
         for config in configs
         if config != "untracked"
     }
+
+    def step(config: str, count: int = 1) -> float:
+        if shared:
+            for other, tracker in trackers.items():
+                tracker.resume() if other == config else tracker.stop()
+        return train_steps(models[config], optimizers[config], data, target, count)
+
     for config in configs:  # warm-up: allocator, thread pools, the trackers' state
-        train_steps(models[config], optimizers[config], data, target, 1)
+        step(config)
         if config in trackers:
             trackers[config].add_saturations()
     # As within an epoch, the trackers keep accumulating across steps and repeats, so work they
@@ -266,12 +163,14 @@ def time_model(
             shift = turn % len(configs)
             turn += 1
             for config in configs[shift:] + configs[:shift]:
-                totals[config] += train_steps(models[config], optimizers[config], data, target, 1)
+                totals[config] += step(config)
         for config in configs:
             times[config].append(totals[config] / steps)
+    saturation_times: Dict[str, List[float]] = {config: [] for config in trackers}
+    held: Dict[str, int] = {}
     for config, tracker in trackers.items():  # add_saturations() after a run of steps, as at an epoch's end
-        for _ in range(3):
-            train_steps(models[config], optimizers[config], data, target, 2)
+        for _ in range(1 if name == "gpt2" else 3):
+            step(config, 2)
             held[config] = state_bytes(tracker)
             start = time.perf_counter()
             tracker.add_saturations()
@@ -291,16 +190,95 @@ def time_model(
     }
 
 
-# ----------------------------------------------------------------------------- memory
-def memory_child(name: str, impl: str, config: str, sample_rows: int) -> int:
-    """Peak resident set (KiB) of this process after a few tracked or untracked steps."""
+def sampling_error(name: str, steps: int, sample_rows: Union[bool, int], device: str = "cpu") -> Dict[str, float]:
+    """Largest difference over layers between sampled and exact statistics recorded in the same run.
+
+    One model trains ``steps`` steps with two trackers on it, one exact and one
+    sampled; returns the largest absolute difference in saturation
+    (``saturation``, a share) and in intrinsic dimensionality (``idim``,
+    directions; ``idim_relative``, over the exact one).
+    """
+    model, data, target, _ = build_on(name, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    folder = tempfile.mkdtemp(prefix="delve-error-")
+    from delve import SaturationTracker
+
+    options = dict(TRACKER_OPTIONS.get(name, {}), stats=["lsat", "idim"], nosave=True)
+    exact = SaturationTracker(os.path.join(folder, "exact"), "csv", model, **options)
+    sampled = SaturationTracker(os.path.join(folder, "sampled"), "csv", model, sample_rows=sample_rows, **options)
+    train_steps(model, optimizer, data, target, steps)
+    truth, estimate = exact.compute(), sampled.compute()
+    exact.close()
+    sampled.close()
+    errors = {"saturation": 0.0, "idim": 0.0, "idim_relative": 0.0}
+    for key, value in truth.items():
+        difference = abs(estimate[key] - value)
+        if "-saturation_" in key:
+            errors["saturation"] = max(errors["saturation"], difference)
+        elif "-intrinsic-dimensionality_" in key:
+            errors["idim"] = max(errors["idim"], difference)
+            errors["idim_relative"] = max(errors["idim_relative"], difference / max(value, 1))
+    return errors
+
+
+def wide_layer_seconds(width: int = 4096, batches: int = 2, device: str = "cpu") -> float:
+    """Time of one ``add_saturations()`` of a tracker on a single ``width``-wide Linear layer."""
+    from delve import SaturationTracker
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, width).to(device)
+    tracker = SaturationTracker(tempfile.mkdtemp(prefix="delve-wide-"), "csv", layer, nosave=True)
+    with torch.no_grad():
+        for _ in range(batches):
+            layer(torch.randn(width, 64, device=device))
+    synchronize(torch.device(device))
+    start = time.perf_counter()
+    tracker.add_saturations()
+    seconds = time.perf_counter() - start
+    tracker.close()
+    return seconds
+
+
+def eigenvalue_seconds(name: str, steps: int, thresh: float = 0.99) -> Dict[str, Any]:
+    """Eigenvalues of every tracked covariance of ``name`` after ``steps`` steps: one after the other in
+    float64 (as ``metrics.eigenvalues``), and with :func:`delve.metrics.eigenvalues_many` in float64 and
+    with ``thresh``; whether the intrinsic dimensionalities agree, and how many matrices went to float64."""
+    from delve import SaturationTracker, metrics
+
     model, data, target, _ = build(name)
+    folder = tempfile.mkdtemp(prefix="delve-eigen-")
+    options = dict(TRACKER_OPTIONS.get(name, {}), stats=["cov"], nosave=True)
+    tracker = SaturationTracker(os.path.join(folder, "run"), "csv", model, **options)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), data, target, steps)
+    covs = [torch.from_numpy(value) for value in tracker.compute().values()]
+    tracker.close()
+    del tracker, model  # their state: gigabytes for GPT-2
+    timings: Dict[str, Any] = {"matrices": len(covs)}
+    start = time.perf_counter()
+    serial = [metrics.eigenvalues(cov) for cov in covs]
+    timings["serial_float64_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics.eigenvalues_many(covs)
+    timings["parallel_float64_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    mixed = metrics.eigenvalues_many(covs, thresh=thresh)
+    timings["parallel_float32_s"] = time.perf_counter() - start
+    idims = [metrics.intrinsic_dimensionality_from_eigenvalues(values, thresh) for values in serial]
+    timings["same_idim"] = idims == [metrics.intrinsic_dimensionality_from_eigenvalues(v, thresh) for v in mixed]
+    timings["recomputed_float64"] = sum(torch.equal(a, b) for a, b in zip(serial, mixed))
+    return timings
+
+
+# ----------------------------------------------------------------------------- memory
+def memory_child(name: str, impl: str, config: str, sample_rows: Union[bool, int]) -> int:
+    """Peak resident set (KiB) of this process after one repeat's steps (tracked or not) and add_saturations()."""
+    model, data, target, steps = build(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     tracker = None
     if config != "untracked":
         folder = tempfile.mkdtemp(prefix="delve-memory-")
-        tracker = make_tracker(impl, model, folder, sample_rows if config == "sampled" else None)
-    train_steps(model, optimizer, data, target, 2)
+        tracker = make_tracker(impl, name, model, folder, sample_rows if config == "sampled" else None)
+    train_steps(model, optimizer, data, target, max(2, steps))
     if tracker is not None:
         tracker.add_saturations()
     return peak_rss_kib()
@@ -333,9 +311,28 @@ def _child(args: List[str], delve_0150: Optional[str]) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def peak_memory_mib(name: str, impl: str, config: str, sample_rows: int, delve_0150: Optional[str]) -> float:
-    line = _child(["--_memory", name, config, "--impl", impl, "--sample-rows", str(sample_rows)], delve_0150)
+def peak_memory_mib(
+    name: str, impl: str, config: str, sample_rows: Union[bool, int], delve_0150: Optional[str]
+) -> float:
+    line = _child(["--_memory", name, config, "--impl", impl, "--sample-rows", sample_rows_argument(sample_rows)], delve_0150)
     return int(line) / 1024
+
+
+def sample_rows_argument(sample_rows: Union[bool, int]) -> str:
+    return "width" if sample_rows is True else str(sample_rows)
+
+
+def parse_sample_rows(text: str) -> Union[bool, int]:
+    """``width`` (delve's rule: rows in proportion to each layer's width) or a number of rows per batch."""
+    if text == "width":
+        return True
+    try:
+        rows = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sample-rows must be 'width' or an int >= 2, got {text!r}") from None
+    if rows < 2:
+        raise argparse.ArgumentTypeError(f"--sample-rows must be 'width' or an int >= 2, got {text!r}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -346,9 +343,19 @@ def overhead(result: Dict[str, Any], config: str) -> str:
     return f"{100 * statistics.median(ratios):+.0f}%"
 
 
-def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: bool, with_memory: bool) -> str:
+def sampled_label(sample_rows: Union[bool, int]) -> str:
+    from delve.covariance import DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE
+
+    if sample_rows is True:
+        return f"sampled (max({DEFAULT_SAMPLE_ROWS}, {SAMPLE_ROWS_PER_FEATURE} d) rows)"
+    return f"sampled {sample_rows} rows"
+
+
+def table(
+    rows: List[Dict[str, Any]], fmt: str, sample_rows: Union[bool, int], with_0150: bool, with_memory: bool
+) -> str:
     header = ["model", "untracked ms/step", "delve ms/step", "overhead", "floor"]
-    header += [f"sampled {sample_rows} rows", "floor (sampled)"]
+    header += [sampled_label(sample_rows), "floor (sampled)", "sampling error: saturation / idim"]
     if with_0150:
         header += ["0.1.50 overhead"]
     header += ["add_saturations s"]
@@ -357,6 +364,7 @@ def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: boo
     lines = []
     for row in rows:
         step = row["ours"]["step_s"]
+        error = row["error"]
         cells = [
             row["label"],
             f"{1000 * step['untracked']:.1f}",
@@ -365,6 +373,7 @@ def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: boo
             f"{100 * row['floor']:.0f}%",
             overhead(row["ours"], "sampled"),
             f"{100 * row['floor_sampled']:.1f}%",
+            f"{error['saturation']:.3f} / {error['idim']:.0f} ({100 * error['idim_relative']:.0f}%)",
         ]
         if with_0150:
             old = row.get("0150")
@@ -386,14 +395,6 @@ def table(rows: List[Dict[str, Any]], fmt: str, sample_rows: int, with_0150: boo
     return "\n".join(out)
 
 
-LABELS = {
-    "mlp": "MLP 4x Linear 1024, batch 128",
-    "cnn": "ResNet-18 32x32, batch 8",
-    "lstm": "LSTM 256, 50 steps, batch 32",
-    "transformer": "Transformer d256 x4, 128 tokens, batch 8",
-}
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -401,10 +402,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps per repeat and configuration (default per model)"
     )
-    parser.add_argument("--sample-rows", type=int, default=DEFAULT_SAMPLE_ROWS, help="rows per batch when sampling")
+    parser.add_argument(
+        "--sample-rows",
+        type=parse_sample_rows,
+        default=True,
+        metavar="{width,N}",
+        help="rows per batch when sampling: delve's rule in proportion to the width (default), or N",
+    )
     parser.add_argument("--delve-0150", default=None, metavar="PATH", help="folder holding delve 0.1.50's package")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the models train (cuda: no peak-memory column)")
     parser.add_argument("--format", choices=("md", "rst"), default="md")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every measurement here")
     parser.add_argument("--impl", default="ours", choices=("ours", "0150"), help=argparse.SUPPRESS)
@@ -420,6 +428,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         sys.path.insert(0, REPO)
     warnings.simplefilter("ignore")
+    if args.device != "cpu":
+        args.no_memory = True  # resident memory says nothing about a GPU's
     if args._memory:
         print(memory_child(args._memory[0], args.impl, args._memory[1], args.sample_rows))
         return
@@ -431,15 +441,20 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.repeats} interleaved repeats", file=sys.stderr)
+    where = f"{threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"torch {torch.__version__}, {where}, {args.repeats} interleaved repeats", file=sys.stderr)
     rows = []
     for name in args.models:
         row: Dict[str, Any] = {"label": LABELS[name]}
         model, data, _, _ = build(name)
-        row["floor"] = analytic_floor(model, data)
-        row["floor_sampled"] = analytic_floor(model, data, args.sample_rows)
-        row["ours"] = time_model(name, "ours", CONFIGS, args.repeats, args.sample_rows, args.steps)
-        if args.delve_0150:
+        ignore = tuple(TRACKER_OPTIONS.get(name, {}).get("ignore_layer_names", ()))
+        row["floor"] = analytic_floor(model, data, ignore=ignore)
+        row["floor_sampled"] = analytic_floor(model, data, args.sample_rows, ignore=ignore)
+        del model
+        row["ours"] = time_model(name, "ours", CONFIGS, args.repeats, args.sample_rows, args.steps, args.device)
+        steps = (args.steps or REPEAT_STEPS[name]) * args.repeats
+        row["error"] = sampling_error(name, steps, args.sample_rows, args.device)
+        if args.delve_0150 and name != "gpt2":  # 0.1.50 would track only GPT-2's 50257-wide lm_head
             timing = ["--_timing", name, "--impl", "0150", "--repeats", str(args.repeats)]
             timing += ["--steps", str(args.steps)] if args.steps else []
             timing += ["--threads", str(args.threads)] if args.threads else []
@@ -448,7 +463,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             row["memory"] = {
                 config: peak_memory_mib(name, "ours", config, args.sample_rows, None) for config in CONFIGS
             }
-            if args.delve_0150:
+            if args.delve_0150 and name != "gpt2":
                 row["memory"]["0150"] = peak_memory_mib(name, "0150", "tracked", args.sample_rows, args.delve_0150)
         rows.append(row)
         print(f"  {name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
@@ -457,6 +472,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(
             "\n0.1.50 records only the last token of a Linear layer's (batch, tokens, features) output and "
             "no attention layer, so it does far less (and different) work on the transformer."
+        )
+    if "gpt2" in args.models:
+        wide = wide_layer_seconds(device=args.device)
+        eigen = eigenvalue_seconds("gpt2", REPEAT_STEPS["gpt2"])
+        rows.append({"label": "add_saturations of one 4096-wide layer", "seconds": wide, "gpt2_eigenvalues": eigen})
+        print(f"\nadd_saturations() of one 4096-wide layer: {wide:.2f} s")
+        print(
+            f"eigenvalues of GPT-2's {eigen['matrices']} covariances: {eigen['serial_float64_s']:.1f} s one after "
+            f"the other in float64, {eigen['parallel_float64_s']:.1f} s side by side (eigenvalues_many), "
+            f"{eigen['parallel_float32_s']:.1f} s side by side in float32 with float64 where it could change the "
+            f"intrinsic dimensionality ({eigen['recomputed_float64']} matrices; same intrinsic dimensionality "
+            f"as float64: {eigen['same_idim']})"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -10,17 +10,25 @@ Training", arXiv 2006.08679).
 How a batch gets in, cheaply and without losing precision:
 
 1. A batch of at least ``d`` rows, unless it is small (at most ``2**16``
-   values), is centered on its mean in the working precision (float32, or float64 for
-   float64 activations), the shift :math:`s_b`, and its Gram matrix
-   :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. A convolution's
-   ``(b, c, positions)`` output is centered straight into a channel-major copy,
-   so the GEMM needs no transposed copy. The exact float64 mean
-   :math:`\mu_b = s_b + e_b` follows from the sum of the centered rows.
+   values), is centered in the working precision (float32, or float64 for
+   float64 activations) on a shift :math:`s_b`, the mean of its leading
+   eighth, into a copy with one sample per column, and its Gram matrix
+   :math:`G_b = \sum_i (a_i - s_b)(a_i - s_b)^T` is one GEMM. The exact float64
+   mean :math:`\mu_b = s_b + e_b` follows from the sum of the centered
+   columns, so any shift is exact; one close to the mean keeps the GEMM
+   accurate (the mean of any :math:`m` of :math:`n` rows lies within
+   :math:`\sigma\sqrt{(n - m) / m}` of theirs: :math:`\sqrt 7\,\sigma` here).
+   Passes over the batch's values: an eighth of one read for the shift; one
+   read of the batch and one write of the copy (for a convolution's
+   ``(b, c, positions)`` output, straight into channel-major order); the
+   GEMM's and one more read of the copy for its column sums.
 2. Other batches are only copied into a staging buffer of ``max(d, 1024)``
-   rows; when it is full, its rows are centered on their common mean and
-   become one GEMM (a GEMM over few rows is slow, and a small batch then costs
-   one copy).
-3. From ``256`` features on, a GEMM computes only the column blocks on and
+   samples, one per column, and their norm is taken; when it is full, its
+   samples are centered on their common mean and become one GEMM (a GEMM
+   over few rows is slow, and a small batch then costs one copy).
+3. The GEMMs go through :mod:`delve._gram`: oneDNN's inner product for
+   float32 on the CPU (AVX-512 where MKL runs AVX2), ``addmm`` elsewhere.
+   From ``256`` features on, a GEMM computes only the column blocks on and
    below the diagonal of the symmetric :math:`G`.
 4. The Gram matrices of up to 16 GEMMs are summed in the working precision;
    then they are folded into the float64 state, exactly:
@@ -41,22 +49,29 @@ state on the host while the activations live on a GPU: then each batch is
 copied over and waited for). A batch holding NaN or Inf, or values whose
 squares could overflow the working precision, is left out through a
 device-side mask and counted in ``num_skipped_batches``; a staged batch,
-which shares its GEMM with up to 1024 rows, is held to a stricter bound (rows
-of norm up to about ``1e16`` in float32).
+which shares its GEMM with up to ``max(d, 1024)`` samples, is held to a
+stricter bound (a root-mean-square norm of its rows up to about ``1e16`` in
+float32).
 
 Sampling (``sample_rows=m``) keeps ``m`` rows of each batch, drawn uniformly at
 random without replacement, weighted by :math:`n_b / m`: the mean and the raw
 second moment are then unbiased estimates of those of all rows, and the
 covariance is off by no more than the variance of the estimated mean, a term of
-order one over the number of rows kept.
+order one over the number of rows kept. ``sample_rows=True`` keeps
+:math:`\max(32, 2d)` rows (:func:`resolve_sample_rows`), so that the number of
+samples per feature, and with it the estimate's error, does not depend on the
+width.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, List, Optional, Union
 
 import torch
+
+from delve._pending import PendingGram, fold_into, new_tensor, staging_rows
 
 Device = Union[str, torch.device, None]
 
@@ -65,62 +80,19 @@ _STATE_VERSION = 1
 #: Seed of the row sampling of every accumulator that is not given one.
 DEFAULT_SAMPLE_SEED = 0
 
-#: Rows per batch that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py``).
+#: Fewest rows per batch that ``sample_rows=True`` keeps (see :func:`resolve_sample_rows`).
 DEFAULT_SAMPLE_ROWS = 32
 
-#: Elements per chunk when the working-precision buffer is added to the float64 state.
-_FOLD_CHUNK = 1 << 16
+#: Rows per batch and feature that ``sample_rows=True`` keeps (see ``benchmarks/overhead.py`` for the error).
+SAMPLE_ROWS_PER_FEATURE = 2
 
-#: Pending entries (GEMMs) summed in the working-precision Gram matrix before a fold into float64.
-_MAX_ENTRIES = 16
-
-#: Rows the staging buffer holds at least.
-_MIN_STAGED_ROWS = 1024
-
-#: Batches of fewer rows than features, or of at most this many values, are staged.
-_SMALL_BATCH_VALUES = 1 << 16
-
-#: Column-block width of the lower block triangle of a Gram matrix; narrower matrices get one GEMM.
-_GRAM_BLOCK = 128
-
-
-def _staging_rows(dim: int) -> int:
-    return max(dim, _MIN_STAGED_ROWS)
-
-
-def _add_gram_product(
-    gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, alpha: float = 1.0
-) -> None:
-    """``gram = beta * gram + alpha * left @ right`` for a symmetric product, lower block triangle only.
-
-    ``left`` is ``(d, n)``, ``right`` its transpose. From ``2 * _GRAM_BLOCK``
-    features on, only the column blocks on and below the diagonal are computed
-    (about a third less work); :func:`_mirror_lower` fills in the rest.
-    """
-    dim = gram.shape[0]
-    if dim < 2 * _GRAM_BLOCK:
-        gram.addmm_(left, right, beta=beta, alpha=alpha)
-        return
-    for start in range(0, dim, _GRAM_BLOCK):
-        stop = start + _GRAM_BLOCK
-        gram[start:, start:stop].addmm_(left[start:], right[:, start:stop], beta=beta, alpha=alpha)
-
-
-def _mirror_lower(gram: torch.Tensor) -> None:
-    """Copy the lower block triangle written by :func:`_add_gram_product` onto the upper one."""
-    dim = gram.shape[0]
-    if dim < 2 * _GRAM_BLOCK:
-        return
-    for start in range(0, dim - _GRAM_BLOCK, _GRAM_BLOCK):
-        stop = start + _GRAM_BLOCK
-        gram[start:stop, stop:].copy_(gram[stop:, start:stop].T)
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``, copied without waiting for the device's queue."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _without_autocast(device_type: str) -> ContextManager[Any]:
+    """Autocast switched off (GEMMs in the working precision); no context at all where it is off already."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def num_samples(samples: torch.Tensor) -> int:
@@ -165,7 +137,7 @@ def covariance_nbytes(dim: int, float64_input: bool = False) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
         raise ValueError(f"dim must be an int >= 0, got {dim!r}")
     work_bytes = 8 if float64_input else 4
-    return dim * dim * (8 + work_bytes) + dim * _staging_rows(dim) * work_bytes + dim * 8 * 4
+    return dim * dim * (8 + work_bytes) + dim * staging_rows(dim) * work_bytes + dim * 8 * 4
 
 
 def format_bytes(nbytes: float) -> str:
@@ -216,20 +188,24 @@ def check_memory_budget(layer_name: str, dim: int, memory_budget: Optional[int])
     return nbytes
 
 
-def resolve_sample_rows(sample_rows: Union[None, bool, int]) -> Optional[int]:
-    """Validate a ``sample_rows`` setting and turn it into rows per batch.
+def resolve_sample_rows(sample_rows: Union[None, bool, int], dim: Optional[int] = None) -> Union[None, bool, int]:
+    """Validate a ``sample_rows`` setting; given the layer's width, turn it into rows per batch.
 
     Parameters
     ----------
     sample_rows : None, bool or int
         ``None`` or ``False``: keep every row (exact statistics). ``True``:
-        keep :data:`DEFAULT_SAMPLE_ROWS` rows of each batch. An int ``m >= 2``:
-        keep ``m`` rows of each batch.
+        keep rows in proportion to the layer's width, ``max(DEFAULT_SAMPLE_ROWS,
+        SAMPLE_ROWS_PER_FEATURE * d)`` of each batch for ``d`` features. An int
+        ``m >= 2``: keep ``m`` rows of each batch.
+    dim : int, optional
+        The layer's width ``d`` (known at its first batch).
 
     Returns
     -------
-    int or None
-        Rows per batch, ``None`` for all of them.
+    None, bool or int
+        Without ``dim``: the setting, checked (``None``, ``True`` or an int).
+        With ``dim``: rows per batch, ``None`` for all of them.
 
     Raises
     ------
@@ -238,19 +214,22 @@ def resolve_sample_rows(sample_rows: Union[None, bool, int]) -> Optional[int]:
 
     Examples
     --------
-    >>> resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS, resolve_sample_rows(None), resolve_sample_rows(128)
+    >>> resolve_sample_rows(True), resolve_sample_rows(False), resolve_sample_rows(128)
     (True, None, 128)
+    >>> resolve_sample_rows(True, dim=4), resolve_sample_rows(True, dim=100), resolve_sample_rows(128, dim=4)
+    (32, 200, 128)
     """
     if sample_rows is None or sample_rows is False:
         return None
-    if sample_rows is True:
-        return DEFAULT_SAMPLE_ROWS
-    if isinstance(sample_rows, int) and sample_rows >= 2:
+    if sample_rows is not True and (not isinstance(sample_rows, int) or sample_rows < 2):
+        raise ValueError(
+            "sample_rows must be None (every row), True (rows in proportion to the layer's width: "
+            f"max({DEFAULT_SAMPLE_ROWS}, {SAMPLE_ROWS_PER_FEATURE} x features) per batch) or an int >= 2, "
+            f"got {sample_rows!r}"
+        )
+    if dim is None or sample_rows is not True:
         return sample_rows
-    raise ValueError(
-        f"sample_rows must be None (every row), True ({DEFAULT_SAMPLE_ROWS} rows per batch) or an int >= 2, "
-        f"got {sample_rows!r}"
-    )
+    return max(DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE * dim)
 
 
 def _check_optional_int(name: str, value: Any, minimum: int) -> None:
@@ -273,11 +252,12 @@ class TorchCovarianceMatrix:
         Keep up to ``max_saved_samples`` rows of the data (for the ``embed`` statistic).
     max_saved_samples : int
         How many rows ``save_data`` keeps.
-    sample_rows : int, optional
-        Keep only this many rows of each batch, drawn uniformly at random
-        without replacement and weighted so that the statistics stay unbiased
-        (see the module docstring). ``None`` (the default) keeps every row and
-        the statistics are exact.
+    sample_rows : None, bool or int
+        Keep only some rows of each batch, drawn uniformly at random without
+        replacement and weighted so that the statistics stay unbiased (see the
+        module docstring): an int ``m`` keeps ``m``, ``True`` keeps
+        ``max(32, 2 d)`` for ``d`` features (see :func:`resolve_sample_rows`).
+        ``None`` (the default) keeps every row and the statistics are exact.
     seed : int, optional
         Seed of the row sampling; ``None`` uses :data:`DEFAULT_SAMPLE_SEED`.
         The sampling never draws from torch's global random state.
@@ -302,19 +282,19 @@ class TorchCovarianceMatrix:
         device: Device = None,
         save_data: bool = False,
         max_saved_samples: int = 1000,
-        sample_rows: Optional[int] = None,
+        sample_rows: Union[None, bool, int] = None,
         seed: Optional[int] = None,
         memory_budget: Optional[int] = None,
         name: str = "",
     ) -> None:
-        _check_optional_int("sample_rows", sample_rows, 2)
+        resolve_sample_rows(sample_rows)
         _check_optional_int("seed", seed, 0)
         _check_optional_int("memory_budget", memory_budget, 1)
         self.bias = bias
         self.device = torch.device(device) if device is not None else None
         self.save_data = save_data
         self.max_saved_samples = max_saved_samples
-        self.sample_rows = sample_rows
+        self.sample_rows = resolve_sample_rows(sample_rows)
         self.seed = DEFAULT_SAMPLE_SEED if seed is None else seed
         self.memory_budget = memory_budget
         self.name = name
@@ -322,11 +302,7 @@ class TorchCovarianceMatrix:
         self._mean: Optional[torch.Tensor] = None
         self._m2: Optional[torch.Tensor] = None
         self._num_skipped: Optional[torch.Tensor] = None
-        self._buffers: Dict[str, torch.Tensor] = {}
-        self._work_dtype: Optional[torch.dtype] = None
-        self._num_staged = 0
-        self._staged_batches: List[Tuple[int, float]] = []
-        self._entries: List[Tuple[torch.Tensor, ...]] = []
+        self._pending: Optional[PendingGram] = None
         self._python_rng: Optional[random.Random] = None
         self._torch_rng: Optional[torch.Generator] = None
         self._saved: List[torch.Tensor] = []
@@ -364,8 +340,9 @@ class TorchCovarianceMatrix:
     @property
     def nbytes(self) -> int:
         """Bytes of device memory this accumulator holds: its float64 state and scratch buffers."""
-        tensors = [self._count, self._mean, self._m2, self._num_skipped, *self._buffers.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self._count, self._mean, self._m2, self._num_skipped]
+        state = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return state + (0 if self._pending is None else self._pending.nbytes)
 
     @property
     def saved_samples(self) -> Optional[torch.Tensor]:
@@ -374,14 +351,11 @@ class TorchCovarianceMatrix:
 
     def _init_state(self, dim: int, device: torch.device) -> None:
         check_memory_budget(self.name, dim, self.memory_budget)
-        self._count = self._new_tensor((), torch.float64, device, zero=True)
-        self._mean = self._new_tensor((dim,), torch.float64, device, zero=True)
-        self._m2 = self._new_tensor((dim, dim), torch.float64, device, zero=True)
-        self._num_skipped = self._new_tensor((), torch.int64, device, zero=True)
-        self._buffers = {}
-        self._num_staged = 0
-        self._staged_batches = []
-        self._entries = []
+        self._count = new_tensor((), torch.float64, device, zero=True)
+        self._mean = new_tensor((dim,), torch.float64, device, zero=True)
+        self._m2 = new_tensor((dim, dim), torch.float64, device, zero=True)
+        self._num_skipped = new_tensor((), torch.int64, device, zero=True)
+        self._pending = None
 
     def reset(self) -> None:
         """Forget every sample; keeps the allocated state (and its device)."""
@@ -390,9 +364,8 @@ class TorchCovarianceMatrix:
             self._mean.zero_()
             self._m2.zero_()
             self._num_skipped.zero_()
-        self._entries = []
-        self._staged_batches = []
-        self._num_staged = 0
+        if self._pending is not None:
+            self._pending.clear()
         self._saved = []
         self._num_saved = 0
 
@@ -441,34 +414,35 @@ class TorchCovarianceMatrix:
         if self.save_data and self._num_saved < self.max_saved_samples:
             self._save_rows(x if row_mask is None else x[row_mask])
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if work_dtype != self._work_dtype:
+        if self._pending is None or work_dtype != self._pending.dtype:
             self._fold()
-            self._work_dtype = work_dtype
+            self._pending = PendingGram(dim, self._m2.device, work_dtype)
         weight = 1.0
-        if self.sample_rows is not None and num_rows > self.sample_rows:
-            index = self._sample_index(x, num_rows)
+        rows_kept = resolve_sample_rows(self.sample_rows, dim)
+        if rows_kept is not None and num_rows > rows_kept:
+            index = self._sample_index(x, num_rows, rows_kept)
             x = self._take(x, index)
             row_mask = None if row_mask is None else row_mask[index]
-            weight = num_rows / self.sample_rows
+            weight = num_rows / rows_kept
         num_kept = num_samples(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if row_mask is not None:
-                self._add_masked_batch(x, row_mask, weight)
-            elif num_kept < dim or (num_kept <= _staging_rows(dim) // 2 and num_kept * dim <= _SMALL_BATCH_VALUES):
-                self._stage(x, num_kept, weight)
+        with _without_autocast(x.device.type):
+            if row_mask is None:
+                fold_due = self._pending.add(x, num_kept, num_rows, weight)
             else:
-                self._add_batch(x, num_kept, num_rows, weight)
+                fold_due = self._pending.add_masked(x, row_mask, weight)
+            if fold_due:
+                self._fold()
 
-    def _sample_index(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Indices of ``sample_rows`` of the ``num_rows`` rows of ``x``, uniformly without replacement."""
+    def _sample_index(self, x: torch.Tensor, num_rows: int, rows_kept: int) -> torch.Tensor:
+        """Indices of ``rows_kept`` of the ``num_rows`` rows of ``x``, uniformly without replacement."""
         if x.device.type == "cpu":
             if self._python_rng is None:
                 self._python_rng = random.Random(self.seed)
-            return torch.tensor(self._python_rng.sample(range(num_rows), self.sample_rows))
+            return torch.tensor(self._python_rng.sample(range(num_rows), rows_kept))
         if self._torch_rng is None:
             self._torch_rng = torch.Generator(device=x.device)
             self._torch_rng.manual_seed(self.seed)
-        return torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[: self.sample_rows]
+        return torch.randperm(num_rows, device=x.device, generator=self._torch_rng)[:rows_kept]
 
     @staticmethod
     def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -479,170 +453,11 @@ class TorchCovarianceMatrix:
         length = x.shape[2]
         return x[index // length, :, index % length]
 
-    @staticmethod
-    def _new_tensor(shape: tuple, dtype: torch.dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
-        # Outside inference mode, so that training after an inference_mode forward
-        # can still update the state in place.
-        with torch.inference_mode(False):
-            return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-
-    def _buffer(self, slot: str, shape: tuple) -> torch.Tensor:
-        """A contiguous scratch tensor of ``shape`` in the working precision, reused across
-        batches (fresh large allocations cost page faults on CPU); it only grows."""
-        numel = math.prod(shape)
-        flat = self._buffers.get(slot)
-        if flat is None or flat.numel() < numel or flat.dtype != self._work_dtype:
-            flat = self._buffers[slot] = self._new_tensor((numel,), self._work_dtype, self._m2.device)
-        return flat[:numel].view(shape)
-
-    def _stage(self, x: torch.Tensor, num_kept: int, weight: float) -> None:
-        """Copy a small batch into the staging buffer; nothing else happens per batch."""
-        dim = self._m2.shape[0]
-        if self._num_staged + num_kept > _staging_rows(dim):
-            self._close_staged()
-        target = self._buffer("staged", (_staging_rows(dim), dim))[self._num_staged : self._num_staged + num_kept]
-        if x.ndim == 3:
-            target.view(x.shape[0], x.shape[2], dim).copy_(x.transpose(1, 2))
-        else:
-            target.copy_(x)
-        self._num_staged += num_kept
-        self._staged_batches.append((num_kept, weight))
-
-    def _close_staged(self) -> None:
-        """The staged rows become one pending entry: batches that are not finite (or whose
-        squares would overflow) are dropped, the rest centered on their mean, one GEMM."""
-        if not self._staged_batches:
-            return
-        dim, num_staged = self._m2.shape[0], self._num_staged
-        rows = self._buffers["staged"][: num_staged * dim].view(num_staged, dim)
-        sizes = torch.tensor([size for size, _ in self._staged_batches])
-        host = torch.stack(
-            [
-                torch.tensor([weight for _, weight in self._staged_batches], dtype=torch.float64),
-                torch.arange(len(self._staged_batches), dtype=torch.float64),
-            ]
-        ).repeat_interleave(sizes, dim=1)
-        row_weights, row_batch = _to_device(host, rows.device)
-        row_batch = row_batch.long()
-        num_batches = len(self._staged_batches)
-        self._staged_batches = []
-        self._num_staged = 0
-        # Every kept row adds at most limit^2 to the trace: the whole group stays below max / (2 * _MAX_ENTRIES).
-        limit = math.sqrt(torch.finfo(rows.dtype).max / (2.0 * _staging_rows(dim) * _MAX_ENTRIES))
-        row_bad = ~(torch.linalg.vector_norm(rows, dim=1) * row_weights.to(rows.dtype).sqrt() <= limit)
-        bad_rows_per_batch = torch.zeros(num_batches, dtype=rows.dtype, device=rows.device)
-        batch_bad = bad_rows_per_batch.index_add_(0, row_batch, row_bad.to(rows.dtype)) > 0
-        row_dropped = batch_bad[row_batch]
-        row_weights = row_weights.masked_fill(row_dropped, 0.0)
-        count = row_weights.sum()
-        rows.masked_fill_(row_dropped[:, None], 0.0)
-        row_weights = row_weights.to(rows.dtype)
-        total = count.to(rows.dtype).clamp_min(1.0)
-        rough = (row_weights @ rows).div_(total)
-        rows.sub_(rough)
-        # A float32 GEMV sums without care: far from zero, its mean can miss by several standard
-        # deviations, which the GEMM would then square. The mean of the roughly centered rows is
-        # accurate, and the difference of two close float32 shifts is exact.
-        shift = rough + (row_weights @ rows).div_(total)
-        roots = row_weights.sqrt_()
-        rows.sub_(shift - rough).mul_(roots[:, None])
-        _add_gram_product(self._buffer("gram", (dim, dim)), rows.T, rows, beta=1.0 if self._entries else 0.0)
-        self._add_entry(count, shift, roots @ rows, batch_bad)
-
-    def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
-        """A large batch: centered on its mean, one GEMM added to the pending Gram matrix."""
-        self._close_staged()
-        dim, dtype = self._m2.shape[0], self._work_dtype
-        if x.ndim == 3:
-            shift = x.mean(dim=(0, 2), dtype=dtype)
-            work = self._buffer("centered", (dim, x.shape[0], x.shape[2]))
-            centered = torch.sub(x.transpose(0, 1), shift[:, None, None], out=work).view(dim, num_kept)
-            left, right, offset = centered, centered.T, centered.sum(dim=1)
-        else:
-            shift = x.mean(dim=0, dtype=dtype)
-            centered = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim)))
-            left, right, offset = centered.T, centered, centered.sum(dim=0)
-        first = not self._entries
-        # The staging buffer is free here (its rows were just closed): scratch for this batch's Gram.
-        gram = self._buffer("gram" if first else "staged", (dim, dim))
-        _add_gram_product(gram, left, right, beta=0.0, alpha=weight)
-        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
-        finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
-        gram.masked_fill_(~finite, 0.0)
-        if not first:
-            self._buffer("gram", (dim, dim)).add_(gram)
-        if weight != 1.0:
-            offset.mul_(weight)
-        self._add_entry(finite.to(torch.float64).mul_(num_rows), shift, offset, ~finite)
-
-    def _add_masked_batch(self, x: torch.Tensor, row_mask: torch.Tensor, weight: float) -> None:
-        """``(n, d)`` rows of which only those flagged in ``row_mask`` count: centered on their mean,
-        the others zeroed, one GEMM (the count stays on the device)."""
-        self._close_staged()
-        num_rows, dim, dtype = x.shape[0], x.shape[1], self._work_dtype
-        keep = row_mask.to(dtype)[:, None]
-        count = row_mask.sum(dtype=torch.float64)
-        shift = torch.where(row_mask[:, None], x, 0).sum(dim=0, dtype=dtype).div_(count.clamp_min(1.0).to(dtype))
-        centered = torch.sub(x, shift, out=self._buffer("centered", (num_rows, dim))).mul_(keep)
-        first = not self._entries
-        gram = self._buffer("gram" if first else "staged", (dim, dim))
-        _add_gram_product(gram, centered.T, centered, beta=0.0, alpha=weight)
-        finite = gram.diagonal().sum() <= torch.finfo(dtype).max / (2.0 * _MAX_ENTRIES)
-        gram.masked_fill_(~finite, 0.0)
-        if not first:
-            self._buffer("gram", (dim, dim)).add_(gram)
-        offset = centered.sum(dim=0).mul_(weight)
-        self._add_entry(finite.to(torch.float64).mul_(count * weight), shift, offset, ~finite)
-
-    def _add_entry(self, count: torch.Tensor, shift: torch.Tensor, offset: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Queue rows already in the pending Gram matrix: their (weighted) count, the shift they
-        were centered on, the sum of the centered rows and which of their batches were skipped."""
-        self._entries.append((count, shift, offset, skipped.sum()))
-        if len(self._entries) >= _MAX_ENTRIES:
-            self._fold()
-
     def _fold(self) -> None:
-        """Fold the pending entries into the float64 state, exactly (see the module docstring)."""
-        self._close_staged()
-        if not self._entries:
-            return
-        counts = torch.stack([entry[0] for entry in self._entries])
-        shifts = torch.stack([entry[1] for entry in self._entries]).to(torch.float64)
-        offsets = torch.stack([entry[2] for entry in self._entries]).to(torch.float64)
-        skipped = torch.stack([entry[3] for entry in self._entries]).sum()
-        self._entries = []
-        good = (counts > 0)[:, None]
-        errors = torch.where(good, offsets / counts.clamp_min(1.0)[:, None], 0.0)
-        means = torch.where(good, shifts + errors, 0.0)
-        new_count = counts.sum()
-        new_mean = (counts @ means) / new_count.clamp_min(1.0)
-        total = self._count + new_count
-        new_weight = torch.where(total > 0, new_count / total.clamp_min(1.0), 0.0)
-        delta = new_mean - self._mean
-        roots = counts.sqrt()[:, None]
-        # Rank-one terms, added (between entries; new vs. old) or removed (mean - shift), in one GEMM.
-        added = torch.cat([roots * (means - new_mean), (self._count * new_weight).sqrt() * delta[None]])
-        terms = torch.cat([added, roots * errors])
-        signs = torch.ones(terms.shape[0], 1, dtype=terms.dtype, device=terms.device)
-        signs[added.shape[0] :] = -1.0
-        dim = self._m2.shape[0]
-        gram = self._buffer("gram", (dim, dim))
-        _mirror_lower(gram)
-        self._add_gram(gram)
-        self._m2.addmm_((terms * signs).T, terms)
-        self._mean.add_(delta * new_weight)
-        self._count.copy_(total)
-        self._num_skipped.add_(skipped)
-
-    def _add_gram(self, gram: torch.Tensor) -> None:
-        m2 = self._m2
-        if gram.dtype == m2.dtype:
-            m2.add_(gram)
-            return
-        # Converting in small chunks keeps both the cast and the add vectorised.
-        rows = max(1, _FOLD_CHUNK // m2.shape[1])
-        for start in range(0, m2.shape[0], rows):
-            m2[start : start + rows].add_(gram[start : start + rows].to(m2.dtype))
+        """Fold the pending batches into the float64 state, exactly (see the module docstring)."""
+        pending = None if self._pending is None else self._pending.take()
+        if pending is not None:
+            fold_into(self._count, self._mean, self._m2, self._num_skipped, pending)
 
     def flush(self) -> None:
         """Fold pending rows into the float64 state now; reading the state does this anyway."""

@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -121,6 +122,121 @@ def eigenvalues(cov: MatrixLike) -> torch.Tensor:
         # LAPACK answers zeros for a NaN matrix; NaN says what the statistics can make of it.
         return torch.full(matrix.shape[:1], math.nan, dtype=torch.float64, device=matrix.device)
     return torch.linalg.eigvalsh(matrix).flip(0).clamp_min(0.0)
+
+
+#: Share-of-variance error of float32 eigenvalues, in units of ``eps32 sqrt(d) ||Q||_F / trace(Q)``:
+#: eight times the largest measured on spectra from flat to low-rank, 128 to 2048 wide.
+FLOAT32_SHARE_ERROR = 8.0
+
+
+def eigenvalues_many(covs: Sequence[MatrixLike], thresh: Optional[float] = None) -> List[torch.Tensor]:
+    """Eigenvalues of many covariance matrices, each as :func:`eigenvalues` gives it, in parallel.
+
+    On the CPU the matrices are decomposed side by side, largest first, one per
+    thread (as many as torch's intra-op threads, which are set to one meanwhile
+    and restored after): LAPACK's eigensolvers gain little from several
+    threads on one matrix, and a busy machine makes them lose. On a GPU,
+    matrices of one size go in one batched call.
+
+    With ``thresh``, each matrix is decomposed in float32 (about 2.5 times
+    faster) and again in float64 only where float32 could change the
+    intrinsic dimensionality at ``thresh``: where a cumulative share of the
+    variance lies closer to the threshold than the float32 error bound
+    (:data:`FLOAT32_SHARE_ERROR`). The saturation and intrinsic
+    dimensionality at ``thresh`` are then those of float64; other statistics
+    of the eigenvalues (their sum) are float32-accurate.
+
+    Parameters
+    ----------
+    covs : sequence of torch.Tensor or numpy.ndarray
+        Square symmetric matrices, of any sizes.
+    thresh : float, optional
+        The share of the variance whose intrinsic dimensionality must be exact.
+        ``None`` (default): every matrix in float64.
+
+    Returns
+    -------
+    list of torch.Tensor
+        Float64 eigenvalues of each matrix, largest first, negatives clipped to
+        0; NaN for a matrix that is not finite.
+
+    Examples
+    --------
+    >>> values = eigenvalues_many([torch.diag(torch.tensor([1.0, 3.0])), torch.eye(3)], thresh=0.99)
+    >>> [v.tolist() for v in values]
+    [[3.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    matrices = [_as_float64(cov) for cov in covs]
+    if thresh is not None:
+        _check_threshold(thresh)
+    results: List[Optional[torch.Tensor]] = [None] * len(matrices)
+    for index, matrix in enumerate(matrices):
+        if not bool(torch.isfinite(matrix).all()):  # as in eigenvalues(): NaN, not LAPACK's zeros
+            results[index] = torch.full(matrix.shape[:1], math.nan, dtype=torch.float64, device=matrix.device)
+    finite = [index for index, values in enumerate(results) if values is None]
+    if thresh is not None:
+        for index, values in zip(finite, _decompose([matrices[index] for index in finite], torch.float32)):
+            if _float32_decides(matrices[index], values, thresh):
+                results[index] = values
+    again = [index for index, values in enumerate(results) if values is None]
+    for index, values in zip(again, _decompose([matrices[index] for index in again], torch.float64)):
+        results[index] = values
+    return results  # type: ignore[return-value]
+
+
+def _decompose(matrices: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    """Eigenvalues (float64, largest first, clipped) of each matrix, computed in ``dtype``."""
+
+    def values_of(matrix: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.eigvalsh(matrix.to(dtype)).to(torch.float64).flip(-1).clamp_min(0.0)
+
+    results: List[Optional[torch.Tensor]] = [None] * len(matrices)
+    on_cpu = [index for index, matrix in enumerate(matrices) if matrix.device.type == "cpu"]
+    groups: dict = {}
+    for index, matrix in enumerate(matrices):
+        if matrix.device.type != "cpu":
+            groups.setdefault((matrix.device, matrix.shape[0]), []).append(index)
+    for indices in groups.values():
+        for index, values in zip(indices, values_of(torch.stack([matrices[index] for index in indices]))):
+            results[index] = values
+    threads = torch.get_num_threads()
+    if len(on_cpu) < 2 or threads < 2:
+        for index in on_cpu:
+            results[index] = values_of(matrices[index])
+        return results  # type: ignore[return-value]
+    on_cpu.sort(key=lambda index: -matrices[index].shape[0])
+
+    def single_threaded(index: int) -> torch.Tensor:
+        # A new thread's OpenMP default is every core: LAPACK would run that many threads per worker.
+        torch.set_num_threads(1)
+        return values_of(matrices[index])
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(on_cpu))) as pool:
+            for index, values in zip(on_cpu, pool.map(single_threaded, on_cpu)):
+                results[index] = values
+    finally:
+        torch.set_num_threads(threads)
+    return results  # type: ignore[return-value]
+
+
+def _float32_decides(matrix: torch.Tensor, values: torch.Tensor, thresh: float) -> bool:
+    """Whether float32 eigenvalues ``values`` of ``matrix`` give its float64 intrinsic dimensionality at ``thresh``.
+
+    They do when the cumulative shares on both sides of the crossing lie
+    farther from the threshold than the float32 error bound.
+    """
+    total = float(values.sum())
+    if not math.isfinite(total) or total <= 0.0:
+        return False
+    eps = torch.finfo(torch.float32).eps
+    bound = FLOAT32_SHARE_ERROR * eps * math.sqrt(matrix.shape[0]) * float(torch.linalg.matrix_norm(matrix)) / total
+    shares = torch.cumsum(values, 0) / total
+    level = thresh - SHARE_TOLERANCE
+    crossing = int(torch.searchsorted(shares, torch.tensor([level], dtype=shares.dtype)))
+    below = float(shares[crossing - 1]) if crossing > 0 else -math.inf
+    above = float(shares[crossing]) if crossing < len(shares) else math.inf
+    return level - below > bound and above - level > bound
 
 
 def intrinsic_dimensionality_from_eigenvalues(eigvals: torch.Tensor, thresh: float = 0.99) -> int:

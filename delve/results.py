@@ -23,6 +23,14 @@ from delve.writers.base import MODES
 #: Seconds the eigendecompositions run before a progress bar shows (quick calls show none).
 PROGRESS_DELAY_S = 2.0
 
+#: Layers decomposed side by side per thread between two updates of the progress bar.
+EIGEN_CHUNK = 4
+
+#: Statistics for which float32 eigenvalues, recomputed in float64 wherever float32 could change the
+#: intrinsic dimensionality at the threshold, give the float64 result; any other statistic asked for
+#: (effective rank, determinant...) makes every eigendecomposition float64.
+FLOAT32_SAFE = frozenset({"lsat", "idim", "cov", "trc", "samples", "embed", "nc1", "cdnv"})
+
 Recorders = Mapping[str, LayerRecorder]
 
 
@@ -54,6 +62,10 @@ class StatisticsComputer:
         self._warned_few_samples: set = set()
         self._warned_unlabelled: set = set()
         self._skipped_reported: Dict[str, int] = {}
+
+    def _float32_safe(self) -> bool:
+        """Whether float32 eigenvalues (checked at the threshold) serve every statistic asked for."""
+        return all(key in FLOAT32_SAFE for key in self.stats)
 
     def _synced_accumulators(self, recorders: Recorders) -> Dict[Tuple[str, str], TorchCovarianceMatrix]:
         """``(layer, mode)`` to accumulator, merged over all ranks under torch.distributed (local ones untouched)."""
@@ -168,7 +180,7 @@ class StatisticsComputer:
         covariances = [accumulators[key].compute() for key in keys]
         eigenvalues: List[Optional[torch.Tensor]] = [None] * len(keys)
         if with_eigenvalues:
-            eigenvalues = list(self._eigenvalues(covariances))
+            eigenvalues = list(self._eigenvalues(covariances, self._float32_safe()))
         return {
             key: statistics.LayerInputs(
                 covariance=covariance,
@@ -182,10 +194,18 @@ class StatisticsComputer:
             for key, covariance, values in zip(keys, covariances, eigenvalues)
         }
 
-    def _eigenvalues(self, covariances: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Eigenvalues of every covariance, with a progress bar when it takes more than two seconds."""
+    def _eigenvalues(self, covariances: Sequence[torch.Tensor], float32_safe: bool) -> Iterator[torch.Tensor]:
+        """Eigenvalues of every covariance, a few layers side by side (:func:`delve.metrics.eigenvalues_many`),
+        with a progress bar when it takes more than two seconds.
+
+        With ``float32_safe`` (only saturation and intrinsic dimensionality asked
+        for), matrices are decomposed in float32 and again in float64 only where
+        float32 could change the intrinsic dimensionality.
+        """
         from tqdm.auto import tqdm
 
+        thresh = self.threshold if float32_safe else None
+        step = EIGEN_CHUNK * max(1, torch.get_num_threads())
         with tqdm(
             total=len(covariances),
             desc="delve: eigendecompositions",
@@ -194,9 +214,10 @@ class StatisticsComputer:
             leave=False,
             disable=not distributed.is_main_process(self.process_group),
         ) as progress:
-            for covariance in covariances:
-                yield metrics.eigenvalues(covariance)
-                progress.update(1)
+            for start in range(0, len(covariances), step):
+                chunk = covariances[start : start + step]
+                yield from metrics.eigenvalues_many(chunk, thresh=thresh)
+                progress.update(len(chunk))
 
     def _warn_few_samples(self, inputs: Mapping[Tuple[str, str], statistics.LayerInputs]) -> None:
         """One warning naming every layer that saw fewer samples than it has features (each layer once per run)."""

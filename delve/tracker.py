@@ -126,10 +126,11 @@ class SaturationTracker(TrackerCompat):
         Rows of each batch a layer records, drawn uniformly at random without
         replacement and weighted so that the mean and second moment stay
         unbiased (the covariance up to a term of order 1/rows kept). ``None``
-        (default) records every row: exact statistics. ``True`` keeps
-        :data:`delve.covariance.DEFAULT_SAMPLE_ROWS` rows per batch, which
-        brings most models within a few percent of untracked training (see
-        ``benchmarks/overhead.py``); an int ``m >= 2`` keeps ``m`` rows.
+        (default) records every row: exact statistics. ``True`` keeps rows
+        in proportion to the layer's width, ``max(32, 2 d)`` per batch for
+        ``d`` features, so that the estimate's error does not grow with the
+        width (its size on the benchmark's models is in the README's cost
+        table); an int ``m >= 2`` keeps ``m`` rows.
     memory_budget : int, optional
         Most bytes one layer's covariance may take per mode (about ``12 d^2``
         for ``d`` features). A layer found inside a model that is above it is

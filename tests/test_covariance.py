@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from delve import _gram
 from delve.adapters import AdapterOptions, check_layer_memory, conv_samples
 from delve.covariance import CovarianceMemoryError, TorchCovarianceMatrix, check_memory_budget, covariance_nbytes
 from delve.metrics import compute_intrinsic_dimensionality
@@ -270,3 +271,60 @@ def test_layer_memory_from_module_and_options():
     samples = conv_samples(conv, conv(torch.randn(2, 3, 32, 32)), flatten)
     with pytest.raises(ValueError, match="'conv' has 57600 features"):
         check_layer_memory("conv", conv, flatten, 2**30, dim=samples.shape[1])
+
+
+@pytest.fixture(params=["onednn", "addmm"])
+def gemm(request, monkeypatch):
+    """Both Gram kernels: oneDNN's inner product (where torch has it) and addmm."""
+    if request.param == "addmm":
+        monkeypatch.setattr(_gram, "_inner_product", None)
+        monkeypatch.setattr(_gram, "_checked", True)
+    elif not _gram.uses_inner_product(torch.device("cpu"), torch.float32, 64, 1 << 14):
+        pytest.skip("torch has no oneDNN inner product here")
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["staged", "direct", "blocks"])
+def test_gemm_kernels_match_numpy(kind, gemm):
+    # 64 features: every product here is large enough (>= 2^20 multiply-adds) to go to oneDNN when it is on.
+    generator = torch.Generator().manual_seed(13)
+    mixing = torch.randn(24, 64, generator=generator)
+    if kind == "blocks":
+        batches = [torch.einsum("bkl,kd->bdl", torch.randn(4, 24, 300, generator=generator), mixing) + 30.0]
+        batches = batches * 3 + [torch.einsum("bkl,kd->bdl", torch.randn(2, 24, 300, generator=generator), mixing)]
+    else:
+        rows = 40 if kind == "staged" else 1100  # staged: fewer rows than features
+        batches = [torch.randn(rows, 24, generator=generator) @ mixing + 30.0 for _ in range(30 if rows < 64 else 18)]
+    assert _gram.uses_inner_product(torch.device("cpu"), torch.float32, 64, 1024) == (gemm == "onednn")
+    acc = accumulate(batches)
+    expected = reference_cov([rows_of(b) for b in batches])
+    np.testing.assert_allclose(acc.compute().numpy(), expected, rtol=0, atol=RTOL * np.abs(expected).max())
+    assert_matches(acc, batches, det=False)
+
+
+@pytest.mark.parametrize("shape", [(4096, 8), (16, 8, 256)])
+def test_shift_from_a_leading_eighth_far_from_the_batch_mean(shape):
+    # The leading eighth of each batch sits sqrt(7) standard deviations off the batch mean (the worst
+    # case of any eighth), everything 1e4 from zero with spread 1: the shift it gives is still exact.
+    generator = torch.Generator().manual_seed(14)
+    batches = []
+    for _ in range(6):
+        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        lead = shape[0] // 8
+        x[:lead] += math.sqrt(7.0) * 3.0
+        x[lead:] -= math.sqrt(7.0) * 3.0 / 7.0
+        batches.append((x + 1e4).float())
+    expected = reference_cov([rows_of(b) for b in batches])
+    cov = accumulate(batches).compute().numpy()
+    np.testing.assert_allclose(cov, expected, rtol=0, atol=RTOL * np.abs(expected).max())
+
+
+def test_inner_product_that_fails_its_check_is_not_used(monkeypatch):
+    # A oneDNN operator that computes something else (a torch version that changed it) is caught by the
+    # one-time check on a small product; the accumulator then uses addmm and stays exact.
+    monkeypatch.setattr(_gram, "_inner_product", None)
+    monkeypatch.setattr(_gram, "_checked", False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, b, *rest: (a @ b.T) * 1.5, raising=False)
+    assert not _gram.uses_inner_product(torch.device("cpu"), torch.float32, 512, 4096)
+    batches = linear_batches([600] * 4, in_features=64, out_features=64, seed=15)
+    assert_matches(accumulate(batches), batches, det=False)

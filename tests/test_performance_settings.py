@@ -1,4 +1,4 @@
-"""Correctness of the performance settings of TorchCovarianceMatrix (row sampling, no host sync).
+"""Correctness of the performance settings: row sampling, no host sync, eigenvalues of many layers at once.
 
 Timings live in benchmarks/overhead.py, not here.
 """
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from delve.covariance import DEFAULT_SAMPLE_ROWS, TorchCovarianceMatrix, resolve_sample_rows
+from delve.covariance import DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE, TorchCovarianceMatrix, resolve_sample_rows
+from delve.metrics import SHARE_TOLERANCE, eigenvalues, eigenvalues_many, intrinsic_dimensionality_from_eigenvalues
 
 
 def batches_with_distinct_means(dim: int, seed: int = 0):
@@ -104,7 +105,7 @@ def test_sampling_is_reproducible_and_leaves_global_rng_alone():
     [
         ({"sample_rows": 1}, "sample_rows"),
         ({"sample_rows": 0}, "sample_rows"),
-        ({"sample_rows": True}, "sample_rows"),
+        ({"sample_rows": "all"}, "sample_rows"),
         ({"sample_rows": 2.5}, "sample_rows"),
         ({"seed": -1}, "seed"),
         ({"memory_budget": 0}, "memory_budget"),
@@ -143,8 +144,106 @@ def test_update_never_reads_tensor_values_on_the_host(monkeypatch, sample_rows):
 def test_resolve_sample_rows():
     assert resolve_sample_rows(None) is None
     assert resolve_sample_rows(False) is None
-    assert resolve_sample_rows(True) == DEFAULT_SAMPLE_ROWS
+    assert resolve_sample_rows(True) is True
     assert resolve_sample_rows(64) == 64
+    # True: rows in proportion to the width, never fewer than DEFAULT_SAMPLE_ROWS; an int stays as it is.
+    assert resolve_sample_rows(True, dim=3) == DEFAULT_SAMPLE_ROWS
+    assert resolve_sample_rows(True, dim=500) == SAMPLE_ROWS_PER_FEATURE * 500
+    assert resolve_sample_rows(64, dim=500) == 64
+    assert resolve_sample_rows(None, dim=500) is None
     for bad in (0, 1, -3, 2.5, "all"):
         with pytest.raises(ValueError, match="sample_rows must be None"):
             resolve_sample_rows(bad)
+
+
+@pytest.mark.parametrize("dim,rows", [(4, 100), (40, 1000), (40, 100)])
+def test_width_rule_keeps_rows_in_proportion_to_the_width(dim, rows):
+    # sample_rows=True keeps max(32, 2 d) rows of each batch, all of them when the batch has fewer.
+    kept = min(rows, max(DEFAULT_SAMPLE_ROWS, SAMPLE_ROWS_PER_FEATURE * dim))
+    generator = torch.Generator().manual_seed(dim + rows)
+    batch = torch.randn(rows, dim, generator=generator)
+    calls = []
+    acc = TorchCovarianceMatrix(sample_rows=True)
+    original = acc._sample
+    acc._sample = lambda x, num_rows, rows_kept: calls.append(rows_kept) or original(x, num_rows, rows_kept)
+    acc.update(batch)
+    assert calls == ([kept] if kept < rows else [])
+    assert acc.count == rows
+    if kept == rows:  # nothing sampled: exact
+        data = batch.numpy().astype(np.float64)
+        np.testing.assert_allclose(acc.compute().numpy(), np.cov(data.T, bias=True), rtol=1e-5, atol=1e-6)
+
+
+def spectra(dim: int, seed: int):
+    """Covariances of known spectra rotated at random: flat, power-law, low-rank, and one from data."""
+    generator = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0]
+    index = torch.arange(1, dim + 1, dtype=torch.float64)
+    values = {
+        "flat": 1.0 + 0.01 * torch.rand(dim, generator=generator, dtype=torch.float64),
+        "power": 1.0 / index,
+        "low rank": torch.where(index <= dim // 10, 1.0, 1e-9),
+    }
+    matrices = {name: (rotation * v) @ rotation.T for name, v in values.items()}
+    data = torch.randn(dim, 2 * dim, generator=generator, dtype=torch.float64) * index[:, None] ** -0.5
+    matrices["data"] = data @ data.T / (2 * dim)
+    return {name: 0.5 * (m + m.T) for name, m in matrices.items()}
+
+
+def numpy_idim(cov: torch.Tensor, thresh: float) -> int:
+    values = np.sort(np.clip(np.linalg.eigvalsh(cov.numpy()), 0.0, None))[::-1]
+    shares = np.cumsum(values) / values.sum()
+    return int(np.argmax(shares >= thresh - SHARE_TOLERANCE)) + 1
+
+
+@pytest.mark.parametrize("thresh", [0.9, 0.99, 0.999])
+def test_eigenvalues_many_give_float64_intrinsic_dimensionality(thresh, two_threads):
+    covs = list(spectra(96, seed=0).values()) + list(spectra(40, seed=1).values())
+    for values, cov in zip(eigenvalues_many(covs, thresh=thresh), covs):
+        assert values.dtype == torch.float64 and values.shape == (cov.shape[0],)
+        assert torch.all(values[:-1] >= values[1:]) and torch.all(values >= 0)
+        assert intrinsic_dimensionality_from_eigenvalues(values, thresh) == numpy_idim(cov, thresh)
+        np.testing.assert_allclose(values.sum().item(), np.trace(cov.numpy()), rtol=1e-5)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (the test session runs with one), so that the CPU thread pool runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_eigenvalues_many_without_threshold_are_float64_on_every_path(two_threads):
+    covs = list(spectra(64, seed=2).values()) + [torch.eye(3, dtype=torch.float64)]
+    pooled = eigenvalues_many(covs)
+    assert torch.get_num_threads() == 2  # restored after the pool's single-threaded workers
+    torch.set_num_threads(1)  # no pool
+    serial = eigenvalues_many(covs)
+    for pool_values, serial_values, cov in zip(pooled, serial, covs):
+        expected = np.sort(np.clip(np.linalg.eigvalsh(cov.numpy()), 0.0, None))[::-1].copy()
+        for values in (pool_values, serial_values):
+            np.testing.assert_allclose(values.numpy(), expected, rtol=1e-10, atol=1e-12 * expected[0])
+
+
+def test_float64_only_where_float32_changes_the_intrinsic_dimensionality():
+    # Put the threshold between the float32 and the float64 cumulative share of one direction: float32
+    # alone then gives another intrinsic dimensionality; eigenvalues_many must notice and use float64.
+    cov = spectra(96, seed=3)["power"]
+    exact = eigenvalues(cov)
+    rough = torch.linalg.eigvalsh(cov.float()).double().flip(0).clamp_min(0.0)
+    exact_shares, rough_shares = exact.cumsum(0) / exact.sum(), rough.cumsum(0) / rough.sum()
+    gaps = (rough_shares - exact_shares)[:-1]
+    k = int(torch.argmax(gaps.abs()))
+    assert gaps[k].abs() > 0
+    thresh = float((exact_shares[k] + rough_shares[k]) / 2) + SHARE_TOLERANCE
+    assert intrinsic_dimensionality_from_eigenvalues(rough, thresh) != intrinsic_dimensionality_from_eigenvalues(
+        exact, thresh
+    )
+    (values,) = eigenvalues_many([cov], thresh=thresh)
+    assert intrinsic_dimensionality_from_eigenvalues(values, thresh) == intrinsic_dimensionality_from_eigenvalues(
+        exact, thresh
+    )
+    torch.testing.assert_close(values, exact)
