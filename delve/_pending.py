@@ -116,7 +116,8 @@ class PendingGram:
         count = row_mask.sum(dtype=torch.float64)
         shift = torch.where(row_mask[:, None], x, 0).sum(dim=0, dtype=dtype).div_(count.clamp_min(1.0).to(dtype))
         cols = self._buffer("centered", (dim, x.shape[0]))
-        cols.copy_(x.T).sub_(shift[:, None]).mul_(row_mask.to(dtype))
+        # Filled, not multiplied by the mask: padding may hold NaN (a fully masked attention row).
+        cols.copy_(x.T).sub_(shift[:, None]).masked_fill_(~row_mask[None, :], 0.0)
         first = not self.num_entries
         gram = self._buffer("gram" if first else "staged", (dim, dim))
         add_gram_product(gram, cols, beta=0.0, alpha=weight)

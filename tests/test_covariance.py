@@ -328,3 +328,28 @@ def test_inner_product_that_fails_its_check_is_not_used(monkeypatch):
     assert not _gram.uses_inner_product(torch.device("cpu"), torch.float32, 512, 4096)
     batches = linear_batches([600] * 4, in_features=64, out_features=64, seed=15)
     assert_matches(accumulate(batches), batches, det=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_mask_leaves_rows_out_exactly(dtype):
+    # Padding rows (mask 0) must weigh nothing, also among many batches, far from zero and beside unmasked batches.
+    generator = torch.Generator().manual_seed(0)
+    acc = TorchCovarianceMatrix()
+    kept = []
+    for step in range(20):
+        x = (1e3 + torch.randn(37, 24, generator=generator, dtype=torch.float64)).to(dtype)
+        if step % 3 == 0:
+            acc.update(x)
+            kept.append(x)
+            continue
+        mask = torch.rand(37, generator=generator) < 0.6
+        x[~mask] = 1e6 if step % 2 else float("nan")  # padding far off, or NaN (a fully masked attention row)
+        acc.update(x, row_mask=mask.long())
+        kept.append(x[mask])
+    rows = torch.cat(kept).to(torch.float64).numpy()
+    expected = np.cov(rows.T, bias=True)
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(acc.compute().numpy(), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+    assert acc.count == len(rows)
+    with pytest.raises(ValueError, match="row_mask"):
+        acc.update(torch.randn(4, 24), row_mask=torch.ones(3))

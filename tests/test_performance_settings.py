@@ -164,8 +164,8 @@ def test_width_rule_keeps_rows_in_proportion_to_the_width(dim, rows):
     batch = torch.randn(rows, dim, generator=generator)
     calls = []
     acc = TorchCovarianceMatrix(sample_rows=True)
-    original = acc._sample
-    acc._sample = lambda x, num_rows, rows_kept: calls.append(rows_kept) or original(x, num_rows, rows_kept)
+    original = acc._sample_index
+    acc._sample_index = lambda x, num_rows, rows_kept: calls.append(rows_kept) or original(x, num_rows, rows_kept)
     acc.update(batch)
     assert calls == ([kept] if kept < rows else [])
     assert acc.count == rows
