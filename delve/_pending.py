@@ -118,13 +118,7 @@ class PendingGram:
         cols = self._buffer("centered", (dim, x.shape[0]))
         # Filled, not multiplied by the mask: padding may hold NaN (a fully masked attention row).
         cols.copy_(x.T).sub_(shift[:, None]).masked_fill_(~row_mask[None, :], 0.0)
-        first = not self.num_entries
-        gram = self._buffer("gram" if first else "staged", (dim, dim))
-        add_gram_product(gram, cols, beta=0.0, alpha=weight)
-        bad = (torch.trace(gram) <= torch.finfo(dtype).max / (2.0 * MAX_ENTRIES)).logical_not_()
-        gram.masked_fill_(bad, 0.0)
-        if not first:
-            self._buffer("gram", (dim, dim)).add_(gram)
+        bad = self._add_checked_gram(cols, weight)
         offset = cols.sum(dim=1).mul_(weight)
         self._staged_entries.append((count.mul(weight).masked_fill_(bad, 0.0), shift, offset, bad.long()))
         return self.num_entries >= MAX_ENTRIES
@@ -239,6 +233,23 @@ class PendingGram:
         add_gram_product(self._buffer("gram", (dim, dim)), cols, beta=1.0 if self.num_entries else 0.0)
         self._staged_entries.append((count, shift, cols @ roots, batch_bad.sum()))
 
+    def _add_checked_gram(self, cols: torch.Tensor, weight: float) -> torch.Tensor:
+        """Add ``weight`` times the Gram matrix of ``cols`` (one sample per column) to the pending one,
+        unless it overflowed; returns whether it did (a 0-d bool tensor, left on the device).
+
+        Called after :meth:`_close_staged`: the staging buffer is free, scratch for this Gram matrix.
+        """
+        dim = self.dim
+        first = not self.num_entries
+        gram = self._buffer("gram" if first else "staged", (dim, dim))
+        add_gram_product(gram, cols, beta=0.0, alpha=weight)
+        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
+        bad = (torch.trace(gram) <= torch.finfo(self.dtype).max / (2.0 * MAX_ENTRIES)).logical_not_()
+        gram.masked_fill_(bad, 0.0)
+        if not first:
+            self._buffer("gram", (dim, dim)).add_(gram)
+        return bad
+
     def _add_batch(self, x: torch.Tensor, num_kept: int, num_rows: int, weight: float) -> None:
         """A large batch: centered into a feature-major copy, one GEMM added to the pending Gram matrix."""
         self._close_staged()
@@ -259,15 +270,7 @@ class PendingGram:
             else:
                 cols = torch.sub(x, shift, out=self._buffer("centered", (num_kept, dim))).T
         offset = cols.sum(dim=1)
-        first = not self.num_entries
-        # The staging buffer is free here (its samples were just closed): scratch for this batch's Gram.
-        gram = self._buffer("gram" if first else "staged", (dim, dim))
-        add_gram_product(gram, cols, beta=0.0, alpha=weight)
-        # A finite trace bounds every entry of a Gram matrix (and every partial sum of the GEMM).
-        bad = (torch.trace(gram) <= torch.finfo(dtype).max / (2.0 * MAX_ENTRIES)).logical_not_()
-        gram.masked_fill_(bad, 0.0)
-        if not first:
-            self._buffer("gram", (dim, dim)).add_(gram)
+        bad = self._add_checked_gram(cols, weight)
         if weight != 1.0:
             offset.mul_(weight)
         self._direct_entries.append((float(num_rows), shift, offset, bad))

@@ -87,18 +87,8 @@ class StatisticsComputer:
         return entries
 
     def compute(self, recorders: Recorders) -> Dict[str, Any]:
-        """Statistics of everything ``recorders`` hold (the recorders are left unchanged).
-
-        Under ``torch.distributed`` this is a collective call (every rank must make
-        it) and the statistics are those of the data of all ranks.
-
-        Returns
-        -------
-        dict
-            Output name (``'{mode}-{statistic}_{layer}'``) to value. A mode in
-            which no layer saw any data is left out; a layer without data in a
-            mode that has data gets NaN (0 for ``samples``).
-        """
+        """Statistics of everything ``recorders`` hold, as :meth:`delve.SaturationTracker.compute`
+        returns them (the recorders are left unchanged; a collective call under ``torch.distributed``)."""
         accumulators = self._synced_accumulators(recorders)
         requested = self._requested()
         counts = {key: accumulator.count for key, accumulator in accumulators.items()}
