@@ -71,6 +71,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Union
 
 import torch
 
+from delve._gram import symmetrize_
 from delve._pending import PendingGram, fold_into, new_tensor, staging_rows
 
 Device = Union[str, torch.device, None]
@@ -515,8 +516,7 @@ class TorchCovarianceMatrix:
         if self._m2 is None:
             raise RuntimeError("TorchCovarianceMatrix.compute() called before any update()")
         self._fold()
-        cov = self._m2 / self._count
-        return 0.5 * (cov + cov.T)
+        return symmetrize_(torch.div(self._m2, self._count))
 
     def fix(self, center: bool = True) -> torch.Tensor:
         """Covariance matrix, as in delve 0.1.50; ``center=False`` gives the raw second moment."""

@@ -353,3 +353,12 @@ def test_row_mask_leaves_rows_out_exactly(dtype):
     assert acc.count == len(rows)
     with pytest.raises(ValueError, match="row_mask"):
         acc.update(torch.randn(4, 24), row_mask=torch.ones(3))
+
+
+@pytest.mark.parametrize("dim", [1, 255, 256, 600])
+def test_symmetrize_tiles_equal_the_mean_with_the_transpose(dim: int) -> None:
+    matrix = torch.randn(dim, dim, dtype=torch.float64)
+    expected = (matrix.numpy() + matrix.numpy().T) / 2.0
+    result = _gram.symmetrize_(matrix)
+    assert result is matrix
+    np.testing.assert_array_equal(result.numpy(), expected)
