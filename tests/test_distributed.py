@@ -185,15 +185,19 @@ def _worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
+def spawn_ranks(worker, folder: str, world_size: int) -> list:
+    """Run ``worker(rank, folder)`` on ``world_size`` processes; what each rank saved as ``rank{r}.pt``."""
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    folder = str(tmp_path_factory.mktemp("distributed"))
     # fork: the workers inherit the imported torch and delve instead of importing them again.
-    mp.start_processes(_worker, args=(folder,), nprocs=WORLD_SIZE, join=True, start_method="fork")
+    mp.start_processes(worker, args=(folder,), nprocs=world_size, join=True, start_method="fork")
     return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) | {"folder": folder}
-            for rank in range(WORLD_SIZE)]
+            for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return spawn_ranks(_worker, str(tmp_path_factory.mktemp("distributed")), WORLD_SIZE)
 
 
 def single_process(reset_covariance: bool = True) -> tuple:

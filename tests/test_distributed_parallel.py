@@ -18,7 +18,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from delve import SaturationTracker
@@ -26,7 +25,7 @@ from parallel_models import (BATCH, EVAL_2, EVAL_4, SEQ, SEQUENCES_2, STATS, TRA
                              LocalShardLinear, MislabelledLinear, PartialSumLinear, SequenceBlock, feed,
                              local_counts, make, make_data, make_images, make_sequences, track, train_rows)
 from reference import Capture, population_cov
-from test_distributed import assert_same_statistics
+from test_distributed import assert_same_statistics, spawn_ranks
 
 BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                          "parallel_overhead.py")
@@ -242,12 +241,7 @@ def _worker(rank: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    folder = str(tmp_path_factory.mktemp("parallel"))
-    mp.start_processes(_worker, args=(folder,), nprocs=WORLD_SIZE, join=True, start_method="fork")
-    return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) | {"folder": folder}
-            for rank in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, str(tmp_path_factory.mktemp("parallel")), WORLD_SIZE)
 
 
 # ------------------------------------------------------------- one process
