@@ -28,7 +28,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from delve.spectral import (  # noqa: F401  (public here since 1.1.0)
+from delve.spectral import (  # noqa: F401  (re-exported: importable from delve.metrics as documented)
     SPECTRUM_FLOOR,
     condition_number,
     effective_rank,
